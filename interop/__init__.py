@@ -1,0 +1,3 @@
+"""interop: PyTorch (SuperGradients) checkpoints <-> Flax variables."""
+
+__all__: list[str] = []

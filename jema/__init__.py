@@ -1,0 +1,33 @@
+"""jema: SuperGradients' exponential moving average of model weights, for JAX/Flax and optax."""
+
+from jema._decay import (
+    EMA_DECAY_FUNCTIONS,
+    ConstantDecay,
+    ExpDecay,
+    IDecayFunction,
+    ThresholdDecay,
+    constant,
+    exp,
+    threshold,
+)
+from jema._state import attach_batch_stats, ema_batch_stats, ema_count, ema_params, find_ema_state
+from jema._transform import WeightEmaState, ema_transform, with_ema
+
+__all__ = [
+    "EMA_DECAY_FUNCTIONS",
+    "ConstantDecay",
+    "ExpDecay",
+    "IDecayFunction",
+    "ThresholdDecay",
+    "WeightEmaState",
+    "attach_batch_stats",
+    "constant",
+    "ema_batch_stats",
+    "ema_count",
+    "ema_params",
+    "ema_transform",
+    "exp",
+    "find_ema_state",
+    "threshold",
+    "with_ema",
+]
