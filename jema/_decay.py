@@ -68,11 +68,20 @@ def exp(
       0.56891
     """
     s = jnp.asarray(step, _float_dtype())
-    return jnp.asarray(decay, s.dtype) * (1.0 - jnp.exp(-jnp.asarray(beta, s.dtype) * s / total_steps))
+    return jnp.asarray(decay, s.dtype) * (
+        1.0 - jnp.exp(-jnp.asarray(beta, s.dtype) * s / total_steps)
+    )
 
 
 def _float_dtype() -> jnp.dtype:
     return jnp.dtype(jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32)
+
+
+def _one_minus(decay: ArrayLike, dtype: jnp.dtype) -> jax.Array:
+    """``1 - decay``, in Python's float64 when ``decay`` is a Python number, as SG computes it."""
+    if isinstance(decay, (int, float)):
+        return jnp.asarray(1.0 - decay, dtype)
+    return 1 - jnp.asarray(decay, dtype)
 
 
 class IDecayFunction:
@@ -98,6 +107,14 @@ class IDecayFunction:
     def __call__(self, decay: ArrayLike, step: ArrayLike, total_steps: ArrayLike | None) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
 
+    def complement(self, decay: ArrayLike, step: ArrayLike, total_steps: ArrayLike | None) -> Any:
+        """``1 - self(decay, step, total_steps)``; override to compute it without cancellation.
+
+        SuperGradients forms ``1 - d`` in float64; in float32, ``1 - d`` loses digits when ``d``
+        is near 1 (0.999 -> 1.3e-5 relative error), so the built-in schedules override this.
+        """
+        return 1 - jnp.asarray(self(decay, step, total_steps))
+
 
 class ConstantDecay(IDecayFunction):
     """``decay_type="constant"``: see :func:`jema.constant`."""
@@ -105,12 +122,19 @@ class ConstantDecay(IDecayFunction):
     def __call__(self, decay, step, total_steps):
         return constant(decay, step, total_steps)
 
+    def complement(self, decay, step, total_steps):
+        return jnp.broadcast_to(_one_minus(decay, _float_dtype()), jnp.shape(step))
+
 
 class ThresholdDecay(IDecayFunction):
     """``decay_type="threshold"``: see :func:`jema.threshold`."""
 
     def __call__(self, decay, step, total_steps):
         return threshold(decay, step, total_steps)
+
+    def complement(self, decay, step, total_steps):
+        s = jnp.asarray(step, _float_dtype())
+        return jnp.maximum(_one_minus(decay, s.dtype), 9.0 / (10.0 + s))
 
 
 class ExpDecay(IDecayFunction):
@@ -127,12 +151,21 @@ class ExpDecay(IDecayFunction):
 
     def __init__(self, beta: float = 15.0) -> None:
         super().__init__()
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
+        if (
+            isinstance(beta, bool)
+            or not isinstance(beta, (int, float))
+            or not 0 < beta < float("inf")
+        ):
             raise ValueError(f"beta must be a positive finite number; got {beta!r}")
         self.beta = float(beta)
 
     def __call__(self, decay, step, total_steps):
         return exp(decay, step, total_steps, beta=self.beta)
+
+    def complement(self, decay, step, total_steps):
+        s = jnp.asarray(step, _float_dtype())
+        ramp = jnp.exp(-self.beta * s / total_steps)
+        return _one_minus(decay, s.dtype) + jnp.asarray(decay, s.dtype) * ramp
 
 
 EMA_DECAY_FUNCTIONS: dict[str, type[IDecayFunction]] = {

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jema._decay import EMA_DECAY_FUNCTIONS, IDecayFunction
 
 
 def resolve_decay_fn(
     decay: Any, decay_type: str, total_steps: Any, options: dict[str, Any]
-) -> Callable[[jax.Array], jax.Array]:
+) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
     """Validate the EMA's settings and return ``step -> decay`` for the registered schedule.
 
     Args:
@@ -25,7 +27,8 @@ def resolve_decay_fn(
       options: keyword arguments for the schedule class's constructor.
 
     Returns:
-      A function of the 1-based step (an int32 array) giving a float scalar decay.
+      A function of the 1-based step (an int32 array) giving ``(d, 1 - d)`` as float scalars,
+      the complement computed without cancellation (see ``IDecayFunction.complement``).
 
     Raises:
       ValueError: bad decay, unknown decay_type, bad or missing total_steps.
@@ -33,8 +36,8 @@ def resolve_decay_fn(
 
     Example:
       >>> fn = resolve_decay_fn(0.9, "constant", None, {})
-      >>> round(float(fn(jax.numpy.int32(3))), 4)
-      0.9
+      >>> [round(float(x), 4) for x in fn(jax.numpy.int32(3))]
+      [0.9, 0.1]
     """
     _check_decay(decay)
     _check_total_steps(total_steps)
@@ -46,8 +49,9 @@ def resolve_decay_fn(
             f"ema_transform(decay_type={decay_type!r}, total_steps=len(loader) * epochs)."
         )
 
-    def decay_fn(step: jax.Array) -> jax.Array:
-        return jnp.asarray(schedule(decay, step, total_steps))
+    def decay_fn(step: jax.Array) -> tuple[jax.Array, jax.Array]:
+        d = jnp.asarray(schedule(decay, step, total_steps))
+        return d, jnp.asarray(schedule.complement(decay, step, total_steps), d.dtype)
 
     if not _is_traced(decay) and not _is_traced(total_steps):
         _probe(decay_fn, decay_type, total_steps)
@@ -79,7 +83,7 @@ def _unwrap_injected_options(options: dict[str, Any]) -> dict[str, Any]:
 def _probe(decay_fn: Callable, decay_type: str, total_steps: Any) -> None:
     step = jax.ShapeDtypeStruct((), jnp.int32)
     try:
-        out = jax.eval_shape(decay_fn, step)
+        out, _ = jax.eval_shape(decay_fn, step)
     except jax.errors.ConcretizationTypeError as e:
         raise TypeError(_untraceable(decay_type, e)) from e
     except TypeError as e:
@@ -107,27 +111,30 @@ def _untraceable(decay_type: str, error: Exception) -> str:
 def _check_decay(decay: Any) -> None:
     if _is_traced(decay):
         return
-    try:
-        value = float(decay)
-    except (TypeError, ValueError):
-        value = None
-    if isinstance(decay, bool) or value is None or not 0.0 < value < 1.0:
+    value = _as_real(decay)
+    if value is None or not 0.0 < value < 1.0:
         raise ValueError(f"decay must be a number strictly inside (0, 1); got {decay!r}")
 
 
 def _check_total_steps(total_steps: Any) -> None:
     if total_steps is None or _is_traced(total_steps):
         return
-    try:
-        value = float(total_steps)
-    except (TypeError, ValueError):
-        value = None
-    if isinstance(total_steps, bool) or value is None or not (0 < value < math.inf):
+    value = _as_real(total_steps)
+    if value is None or not (0 < value < math.inf):
         raise ValueError(
             f"total_steps must be a positive number of optimizer steps; got {total_steps!r}"
         )
     if value != int(value):
         raise ValueError(f"total_steps must be a whole number of steps; got {total_steps!r}")
+
+
+def _as_real(x: Any) -> float | None:
+    """``x`` as a float when it is a real number or a real scalar array, else None."""
+    if isinstance(x, bool) or not isinstance(x, (numbers.Real, np.ndarray, jax.Array)):
+        return None
+    if np.ndim(x) != 0 or not np.issubdtype(np.asarray(x).dtype, np.number):
+        return None
+    return float(x)
 
 
 def _is_traced(x: Any) -> bool:

@@ -125,7 +125,9 @@ def attach_batch_stats(opt_state: Any, batch_stats: Any) -> Any:
       [0.0, 0.0]
     """
     if batch_stats is None:
-        raise ValueError("batch_stats is None; pass the model's statistics, e.g. variables['batch_stats']")
+        raise ValueError(
+            "batch_stats is None; pass the model's statistics, e.g. variables['batch_stats']"
+        )
     find_ema_state(opt_state)
     copied = jax.tree.map(lambda x: jnp.array(x, copy=True), _unwrap_variables(batch_stats))
     return jax.tree.map(

@@ -68,8 +68,8 @@ def ema_transform(
       >>> params = {"w": jnp.ones(2)}
       >>> state = tx.init(params)
       >>> updates, state = tx.update({"w": jnp.ones(2)}, state, params)
-      >>> jema.ema_params(state)["w"].tolist()  # 0.9 * 1 + 0.1 * 0.9
-      [0.9900000095367432, 0.9900000095367432]
+      >>> [round(x, 6) for x in jema.ema_params(state)["w"].tolist()]  # 0.9 * 1 + 0.1 * 0.9
+      [0.99, 0.99]
     """
     decay_fn = resolve_decay_fn(decay, decay_type, total_steps, decay_kwargs)
     ema_dtype = None if ema_dtype is None else jnp.dtype(ema_dtype)
@@ -92,12 +92,12 @@ def ema_transform(
         if params is None:
             raise ValueError(NO_PARAMS_MSG)
         count = optax.safe_increment(state.count)
-        d = decay_fn(count)
+        weights = decay_fn(count)
         new_params = optax.apply_updates(params, updates)
-        ema = average_tree(state.ema, new_params, d)
+        ema = average_tree(state.ema, new_params, weights)
         stats = state.batch_stats
         if batch_stats is not None:
-            stats = average_tree(stats, batch_stats, d, name="batch_stats", attached=stats)
+            stats = average_tree(stats, batch_stats, weights, name="batch_stats", attached=stats)
         return updates, WeightEmaState(count=count, ema=ema, batch_stats=stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -126,14 +126,19 @@ def with_ema(
 
 
 def average_tree(
-    ema: Any, new: Any, d: jax.Array, *, name: str = "params", attached: Any = True
+    ema: Any,
+    new: Any,
+    weights: tuple[jax.Array, jax.Array],
+    *,
+    name: str = "params",
+    attached: Any = True,
 ) -> Any:
     """``ema * d + (1 - d) * new`` on every floating leaf; other leaves keep ``ema``.
 
     Args:
       ema: the running average.
       new: the newest values, same structure as ``ema``.
-      d: the decay, a float scalar.
+      weights: ``(d, 1 - d)``, float scalars.
       name: what the trees hold, for error messages.
       attached: None when no EMA was attached for ``name`` (then averaging is an error).
 
@@ -156,15 +161,15 @@ def average_tree(
             f"the {name} given to update have a different structure from the EMA's: "
             f"{_structure_diff(ema, new)}"
         )
-    return jax.tree.map(lambda e, n: _average_leaf(e, n, d), ema, new, is_leaf=is_none)
+    return jax.tree.map(lambda e, n: _average_leaf(e, n, weights), ema, new, is_leaf=is_none)
 
 
-def _average_leaf(ema: Any, new: Any, d: jax.Array) -> Any:
+def _average_leaf(ema: Any, new: Any, weights: tuple[jax.Array, jax.Array]) -> Any:
     if ema is None or not jnp.issubdtype(ema.dtype, jnp.floating):
         return ema
     compute = jnp.promote_types(ema.dtype, jnp.float32)
-    d = jnp.asarray(d, compute)
-    mixed = ema.astype(compute) * d + (1 - d) * jnp.asarray(new).astype(compute)
+    d, one_minus_d = (jnp.asarray(w, compute) for w in weights)
+    mixed = ema.astype(compute) * d + one_minus_d * jnp.asarray(new).astype(compute)
     return mixed.astype(ema.dtype)
 
 
@@ -174,15 +179,23 @@ def _copy_leaf(ema_dtype: jnp.dtype | None):
             return None
         x = jnp.asarray(x)
         floating = jnp.issubdtype(x.dtype, jnp.floating)
-        return jnp.array(x, dtype=ema_dtype if ema_dtype is not None and floating else None, copy=True)
+        return jnp.array(
+            x, dtype=ema_dtype if ema_dtype is not None and floating else None, copy=True
+        )
 
     return copy
 
 
 def _structure_diff(expected: Any, got: Any) -> str:
     is_none = lambda x: x is None  # noqa: E731
-    paths_expected = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(expected, is_leaf=is_none)}
-    paths_got = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(got, is_leaf=is_none)}
+    paths_expected = {
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(expected, is_leaf=is_none)
+    }
+    paths_got = {
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(got, is_leaf=is_none)
+    }
     missing = sorted(paths_expected - paths_got)
     unexpected = sorted(paths_got - paths_expected)
     if not missing and not unexpected:

@@ -17,7 +17,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       The exit status.
 
     Example:
-      >>> main(["--help"])  # doctest: +SKIP
+      >>> main(["inspect", "no-such-file.pth"])  # the error goes to stderr
+      1
     """
     parser = argparse.ArgumentParser(prog="jema", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)

@@ -1,0 +1,126 @@
+"""Decay schedules: closed forms, SG's class registry, the seed page's LinearDecay."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jema
+from tests.sg_reference import sg_constant, sg_exp, sg_threshold
+
+decays = st.floats(min_value=1e-4, max_value=1 - 1e-4)
+steps = st.integers(min_value=1, max_value=10**6)
+
+
+class LinearDecay(jema.IDecayFunction):
+    """The seed page's custom schedule, verbatim apart from the empty ``__init__`` body."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def __call__(self, decay: float, step: int, total_steps: int) -> float:
+        training_progress = step / total_steps
+        return decay * training_progress
+
+
+@pytest.fixture
+def linear_registered():
+    jema.EMA_DECAY_FUNCTIONS["linear"] = LinearDecay
+    yield
+    del jema.EMA_DECAY_FUNCTIONS["linear"]
+
+
+@given(decay=decays, step=steps)
+def test_threshold_matches_closed_form(decay, step):
+    got = float(jema.threshold(decay, jnp.int32(step)))
+    np.testing.assert_allclose(got, sg_threshold(decay, step), rtol=1e-6)
+
+
+@given(decay=decays, step=steps, total=st.integers(1, 10**6), beta=st.floats(0.5, 50))
+def test_exp_matches_closed_form(decay, step, total, beta):
+    got = float(jema.exp(decay, jnp.int32(step), total, beta=beta))
+    np.testing.assert_allclose(got, sg_exp(decay, step, total, beta), rtol=2e-5, atol=1e-7)
+
+
+@given(decay=decays, step=steps)
+def test_constant_is_decay(decay, step):
+    np.testing.assert_allclose(
+        float(jema.constant(decay, jnp.int32(step))), sg_constant(decay, step), rtol=1e-7
+    )
+
+
+def test_threshold_step_one_is_two_elevenths():
+    assert float(jema.threshold(0.9999, 1)) == pytest.approx(2 / 11, rel=1e-7)
+
+
+def test_schedules_over_a_step_array_match_numpy():
+    step = jnp.arange(1, 2001)
+    np.testing.assert_allclose(
+        jema.threshold(0.999, step), np.minimum(0.999, (1 + step) / (10 + step)), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        jema.exp(0.999, step, 2000, beta=15), 0.999 * (1 - np.exp(-15 * step / 2000)), rtol=1e-5
+    )
+    assert jema.constant(0.9, step).shape == step.shape
+
+
+@given(decay=decays)
+def test_schedules_never_exceed_decay_and_grow_with_step(decay):
+    step = jnp.arange(1, 500)
+    for fn in (jema.threshold, lambda d, s: jema.exp(d, s, 499)):
+        d = np.asarray(fn(decay, step))
+        assert np.all(d <= np.float32(decay) * (1 + 1e-7))
+        assert np.all(np.diff(d) >= 0)
+
+
+def test_schedules_jit_over_a_traced_step():
+    step_fn = jax.jit(lambda s: jema.ExpDecay(beta=5)(0.99, s, 100))
+    np.testing.assert_allclose(step_fn(jnp.int32(50)), sg_exp(0.99, 50, 100, beta=5), rtol=1e-6)
+
+
+def test_registry_classes_match_functions():
+    assert set(jema.EMA_DECAY_FUNCTIONS) == {"constant", "threshold", "exp"}
+    assert float(jema.EMA_DECAY_FUNCTIONS["threshold"]()(0.9, 3, None)) == pytest.approx(4 / 13)
+    assert float(jema.EMA_DECAY_FUNCTIONS["constant"]()(0.9, 3, None)) == pytest.approx(0.9)
+    assert float(jema.EMA_DECAY_FUNCTIONS["exp"](beta=2)(0.9, 3, 6)) == pytest.approx(
+        sg_exp(0.9, 3, 6, 2)
+    )
+
+
+def test_linear_decay_from_the_seed_page_drives_ema_transform(linear_registered):
+    tx = jema.ema_transform(0.9, decay_type="linear", total_steps=4)
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    new = {"w": jnp.ones(3)}
+    _, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, new), state, new)
+    d = 0.9 * 1 / 4
+    np.testing.assert_allclose(jema.ema_params(state)["w"], (1 - d) * np.ones(3), rtol=1e-6)
+
+
+def test_extra_kwargs_go_to_the_class_constructor():
+    tx = jema.ema_transform(**{"decay": 0.9999, "decay_type": "exp", "beta": 15}, total_steps=100)
+    params = {"w": jnp.ones(2)}
+    _, state = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+    d = sg_exp(0.9999, 1, 100, 15)
+    np.testing.assert_allclose(jema.ema_params(state)["w"], d + (1 - d) * 2.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0, -1.0, float("nan"), float("inf"), "15", True])
+def test_exp_rejects_bad_beta(beta):
+    with pytest.raises(ValueError, match=f"beta must be a positive finite number; got {beta!r}"):
+        jema.ExpDecay(beta=beta)
+
+
+def test_builtin_schedules_reject_unknown_options():
+    with pytest.raises(TypeError, match=r"'threshold' does not accept options \{'beta': 15\}"):
+        jema.ema_transform(decay_type="threshold", beta=15)
+
+
+@given(decay=decays, step=steps, total=st.integers(1, 10**6))
+def test_complements_match_one_minus_the_float64_decay(decay, step, total):
+    for name, sg in (("constant", sg_constant), ("threshold", sg_threshold), ("exp", sg_exp)):
+        schedule = jema.EMA_DECAY_FUNCTIONS[name]()
+        got = float(schedule.complement(decay, jnp.int32(step), total))
+        np.testing.assert_allclose(got, 1.0 - sg(decay, step, total), rtol=2e-6, atol=1e-12)
