@@ -6,9 +6,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax._src.base import NO_PARAMS_MSG
 
+from jema._average import all_finite, average_tree, check_same_structure
 from jema._schedule import resolve_decay_fn
 
 
@@ -33,6 +35,8 @@ def ema_transform(
     *,
     total_steps: int | None = None,
     ema_dtype: Any = None,
+    every_k_steps: int = 1,
+    skip_nonfinite: bool = False,
     **decay_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """SuperGradients' EMA of the weights, as the last element of an optax chain.
@@ -52,6 +56,10 @@ def ema_transform(
         schedule that uses it.
       ema_dtype: dtype of the averaged weights (e.g. ``jnp.float32`` for bf16 params);
         None keeps each param's dtype.
+      every_k_steps: average only on every k-th optimizer step, with decay ``d ** k`` (the
+        same averaging window); the work is skipped on the other steps. 1 is SG's behaviour.
+      skip_nonfinite: when the new weights (or batch statistics) hold a NaN or Inf, keep the
+        EMA and its count as they were for that step.
       **decay_kwargs: options for the schedule's class, e.g. ``beta=15`` for "exp".
 
     Returns:
@@ -59,8 +67,10 @@ def ema_transform(
 
     Raises:
       ValueError: a decay outside (0, 1), an unknown decay_type, a missing or
-        non-positive total_steps where the schedule needs it, a bad schedule option.
-      TypeError: a schedule that cannot be traced by JAX.
+        non-positive total_steps where the schedule needs it, a bad schedule option,
+        every_k_steps not a positive int.
+      TypeError: a schedule that cannot be traced by JAX, a non-floating ema_dtype,
+        a non-bool skip_nonfinite.
 
     Example:
       >>> import jax.numpy as jnp, optax, jema
@@ -72,7 +82,20 @@ def ema_transform(
       [0.99, 0.99]
     """
     decay_fn = resolve_decay_fn(decay, decay_type, total_steps, decay_kwargs)
-    ema_dtype = None if ema_dtype is None else jnp.dtype(ema_dtype)
+    ema_dtype = _check_ema_dtype(ema_dtype)
+    every_k_steps = _check_every_k_steps(every_k_steps)
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"skip_nonfinite must be True or False; got {skip_nonfinite!r}")
+
+    def weights_at(step: jax.Array) -> tuple[jax.Array, jax.Array]:
+        d, one_minus_d = decay_fn(step)
+        if isinstance(every_k_steps, int) and every_k_steps == 1:
+            return d, one_minus_d
+        k_log_d = every_k_steps * jnp.log1p(-one_minus_d)
+        once = jnp.asarray(every_k_steps) == 1
+        return jnp.where(once, d, jnp.exp(k_log_d)), jnp.where(
+            once, one_minus_d, -jnp.expm1(k_log_d)
+        )
 
     def init_fn(params: optax.Params) -> WeightEmaState:
         if params is None:
@@ -91,13 +114,26 @@ def ema_transform(
         del extra_args
         if params is None:
             raise ValueError(NO_PARAMS_MSG)
-        count = optax.safe_increment(state.count)
-        weights = decay_fn(count)
-        new_params = optax.apply_updates(params, updates)
-        ema = average_tree(state.ema, new_params, weights)
-        stats = state.batch_stats
         if batch_stats is not None:
-            stats = average_tree(stats, batch_stats, weights, name="batch_stats", attached=stats)
+            check_same_structure(state.batch_stats, batch_stats, "batch_stats")
+        count = optax.safe_increment(state.count)
+
+        def average(_: None) -> tuple[Any, Any]:
+            weights = weights_at(count)
+            ema = average_tree(state.ema, optax.apply_updates(params, updates), weights)
+            if batch_stats is None:
+                return ema, state.batch_stats
+            return ema, average_tree(state.batch_stats, batch_stats, weights)
+
+        if isinstance(every_k_steps, int) and every_k_steps == 1 and not skip_nonfinite:
+            ema, stats = average(None)
+        else:
+            due = count % every_k_steps == 0
+            if skip_nonfinite:
+                finite = all_finite(params, updates, batch_stats)
+                due = jnp.logical_and(due, finite)
+                count = jnp.where(finite, count, state.count)
+            ema, stats = jax.lax.cond(due, average, lambda _: (state.ema, state.batch_stats), None)
         return updates, WeightEmaState(count=count, ema=ema, batch_stats=stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -125,52 +161,31 @@ def with_ema(
     return optax.chain(optimizer, ema_transform(**ema_kwargs))
 
 
-def average_tree(
-    ema: Any,
-    new: Any,
-    weights: tuple[jax.Array, jax.Array],
-    *,
-    name: str = "params",
-    attached: Any = True,
-) -> Any:
-    """``ema * d + (1 - d) * new`` on every floating leaf; other leaves keep ``ema``.
-
-    Args:
-      ema: the running average.
-      new: the newest values, same structure as ``ema``.
-      weights: ``(d, 1 - d)``, float scalars.
-      name: what the trees hold, for error messages.
-      attached: None when no EMA was attached for ``name`` (then averaging is an error).
-
-    Returns:
-      The new average, same structure and dtypes as ``ema``.
-
-    Raises:
-      ValueError: when nothing was attached, or the structures differ.
-    """
-    if attached is None:
-        raise ValueError(
-            f"update(..., {name}=...) was given but the EMA holds no {name}: call "
-            f"jema.attach_batch_stats(opt_state, {name}) once after tx.init(params)."
-        )
-    is_none = lambda x: x is None  # noqa: E731
-    ema_def = jax.tree.structure(ema, is_leaf=is_none)
-    new_def = jax.tree.structure(new, is_leaf=is_none)
-    if ema_def != new_def:
-        raise ValueError(
-            f"the {name} given to update have a different structure from the EMA's: "
-            f"{_structure_diff(ema, new)}"
-        )
-    return jax.tree.map(lambda e, n: _average_leaf(e, n, weights), ema, new, is_leaf=is_none)
+def _check_ema_dtype(ema_dtype: Any) -> jnp.dtype | None:
+    if ema_dtype is None:
+        return None
+    message = f"ema_dtype must be a floating dtype such as jnp.float32; got {ema_dtype!r}"
+    try:
+        dtype = jnp.dtype(ema_dtype)
+    except TypeError as e:
+        raise TypeError(message) from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(message)
+    return dtype
 
 
-def _average_leaf(ema: Any, new: Any, weights: tuple[jax.Array, jax.Array]) -> Any:
-    if ema is None or not jnp.issubdtype(ema.dtype, jnp.floating):
-        return ema
-    compute = jnp.promote_types(ema.dtype, jnp.float32)
-    d, one_minus_d = (jnp.asarray(w, compute) for w in weights)
-    mixed = ema.astype(compute) * d + one_minus_d * jnp.asarray(new).astype(compute)
-    return mixed.astype(ema.dtype)
+def _check_every_k_steps(every_k_steps: Any) -> int | jax.Array:
+    """``every_k_steps`` as a Python int, or as is when traced (``optax.inject_hyperparams``)."""
+    if isinstance(every_k_steps, jax.core.Tracer):
+        return every_k_steps
+    integral = isinstance(every_k_steps, (int, np.integer)) or (
+        isinstance(every_k_steps, (np.ndarray, jax.Array))
+        and every_k_steps.shape == ()
+        and jnp.issubdtype(every_k_steps.dtype, jnp.integer)
+    )
+    if isinstance(every_k_steps, bool) or not integral or int(every_k_steps) < 1:
+        raise ValueError(f"every_k_steps must be a positive int; got {every_k_steps!r}")
+    return int(every_k_steps)
 
 
 def _copy_leaf(ema_dtype: jnp.dtype | None):
@@ -179,25 +194,7 @@ def _copy_leaf(ema_dtype: jnp.dtype | None):
             return None
         x = jnp.asarray(x)
         floating = jnp.issubdtype(x.dtype, jnp.floating)
-        return jnp.array(
-            x, dtype=ema_dtype if ema_dtype is not None and floating else None, copy=True
-        )
+        dtype = ema_dtype if ema_dtype is not None and floating else None
+        return jnp.array(x, dtype=dtype, copy=True)
 
     return copy
-
-
-def _structure_diff(expected: Any, got: Any) -> str:
-    is_none = lambda x: x is None  # noqa: E731
-    paths_expected = {
-        jax.tree_util.keystr(p)
-        for p, _ in jax.tree_util.tree_leaves_with_path(expected, is_leaf=is_none)
-    }
-    paths_got = {
-        jax.tree_util.keystr(p)
-        for p, _ in jax.tree_util.tree_leaves_with_path(got, is_leaf=is_none)
-    }
-    missing = sorted(paths_expected - paths_got)
-    unexpected = sorted(paths_got - paths_expected)
-    if not missing and not unexpected:
-        return "same paths, different container types"
-    return f"missing {missing[:10]}, unexpected {unexpected[:10]}"
