@@ -1,0 +1,164 @@
+"""The EMA with ``nnx.Optimizer``: BatchStat averaging, evaluation on the EMA, the final swap.
+
+Build the optimizer as usual, ``nnx.Optimizer(model, jema.with_ema(tx), wrt=nnx.Param)``,
+call :func:`attach_batch_stats` once when the model has ``nnx.BatchStat`` variables, and
+step with :func:`update` so the EMA averages the statistics with the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+from flax import nnx
+
+from jema import _state
+from jema.train_state import cast_like
+
+
+def attach_batch_stats(optimizer: nnx.Optimizer, model: nnx.Module) -> None:
+    """Give the optimizer's EMA a copy of the model's ``nnx.BatchStat`` values, in place.
+
+    Args:
+      optimizer: an ``nnx.Optimizer`` built with :func:`jema.with_ema`.
+      model: the module it optimizes.
+
+    Raises:
+      ValueError: the model has no ``nnx.BatchStat`` variables, or the optimizer holds
+        no EMA or several.
+
+    Example:
+      >>> import optax, jema
+      >>> from flax import nnx
+      >>> model = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, jema.with_ema(optax.sgd(0.1)), wrt=nnx.Param)
+      >>> attach_batch_stats(optimizer, model)
+      >>> jema.ema_batch_stats(optimizer.opt_state)["mean"].tolist()
+      [0.0, 0.0, 0.0]
+    """
+    stats = _batch_stats(model)
+    if not jax.tree.leaves(stats):
+        raise ValueError(
+            f"{type(model).__name__} has no nnx.BatchStat variables; there is nothing to attach."
+        )
+    attached = _state.attach_batch_stats(optimizer.opt_state, stats)
+    optimizer.opt_state = nnx.data(
+        jax.tree.map(
+            lambda x: x if isinstance(x, nnx.Variable) else nnx.OptArray(x),
+            attached,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+    )
+
+
+def update(optimizer: nnx.Optimizer, model: nnx.Module, grads: Any, **kwargs: Any) -> Any:
+    """``optimizer.update(model, grads)``, giving the EMA the model's new BatchStat values.
+
+    Args:
+      optimizer: an ``nnx.Optimizer`` built with :func:`jema.with_ema`.
+      model: the module it optimizes, after the forward pass of this step.
+      grads: the gradients from ``nnx.grad``.
+      **kwargs: more arguments for ``tx.update``.
+
+    Returns:
+      The updates, as ``nnx.Optimizer.update`` returns them.
+
+    Raises:
+      ValueError: the model has BatchStat variables but the EMA holds none (call
+        :func:`attach_batch_stats` first), or the optimizer holds no EMA or several.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jema
+      >>> from flax import nnx
+      >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, jema.with_ema(optax.sgd(0.1)), wrt=nnx.Param)
+      >>> grads = nnx.grad(lambda m: m(jnp.ones((1, 2))).sum())(model)
+      >>> _ = update(optimizer, model, grads)
+      >>> int(jema.ema_count(optimizer.opt_state))
+      1
+    """
+    if _has_batch_stats(optimizer, model):
+        kwargs["batch_stats"] = _batch_stats(model)
+    return optimizer.update(model, grads, **kwargs)
+
+
+@contextlib.contextmanager
+def ema_weights(model: nnx.Module, optimizer: nnx.Optimizer) -> Iterator[nnx.Module]:
+    """Evaluate on the EMA: swap its weights (and statistics) into ``model``, then restore.
+
+    The raw values come back when the block ends, also when it raises.
+
+    Args:
+      model: the module the optimizer trains.
+      optimizer: an ``nnx.Optimizer`` built with :func:`jema.with_ema`.
+
+    Yields:
+      ``model``, holding the EMA's values (cast to the variables' dtypes).
+
+    Raises:
+      ValueError: as :func:`finalize`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jema
+      >>> from flax import nnx
+      >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, jema.with_ema(optax.sgd(0.1)), wrt=nnx.Param)
+      >>> with ema_weights(model, optimizer):
+      ...     predictions = model(jnp.ones((1, 2)))
+    """
+    raw = nnx.as_pure(nnx.state(model, _filter(optimizer, model)))
+    finalize(model, optimizer)
+    try:
+        yield model
+    finally:
+        nnx.update(model, raw)
+
+
+def finalize(model: nnx.Module, optimizer: nnx.Optimizer) -> None:
+    """SuperGradients' end-of-training swap, in place: the model takes the EMA's values.
+
+    Args:
+      model: the module the optimizer trains.
+      optimizer: an ``nnx.Optimizer`` built with :func:`jema.with_ema`.
+
+    Raises:
+      ValueError: the model has BatchStat variables but the EMA holds none, or the
+        optimizer holds no EMA or several.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jema
+      >>> from flax import nnx
+      >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, jema.with_ema(optax.sgd(0.1)), wrt=nnx.Param)
+      >>> finalize(model, optimizer)
+    """
+    ema = _state.find_ema_state(optimizer.opt_state)
+    raw_params = nnx.as_pure(nnx.state(model, optimizer.wrt))
+    nnx.update(model, cast_like(raw_params, ema.ema))
+    if _has_batch_stats(optimizer, model):
+        nnx.update(model, cast_like(nnx.as_pure(_batch_stats(model)), ema.batch_stats))
+
+
+def _has_batch_stats(optimizer: nnx.Optimizer, model: nnx.Module) -> bool:
+    if not jax.tree.leaves(_batch_stats(model)):
+        return False
+    if _state.ema_batch_stats(optimizer.opt_state) is None:
+        raise ValueError(
+            f"{type(model).__name__} has nnx.BatchStat variables but the EMA holds none: call "
+            "jema.nnx.attach_batch_stats(optimizer, model) once after building the optimizer."
+        )
+    return True
+
+
+def _filter(optimizer: nnx.Optimizer, model: nnx.Module) -> Any:
+    return (
+        nnx.Any(optimizer.wrt, nnx.BatchStat)
+        if _has_batch_stats(optimizer, model)
+        else optimizer.wrt
+    )
+
+
+def _batch_stats(model: nnx.Module) -> nnx.State:
+    return nnx.state(model, nnx.BatchStat)
