@@ -1,0 +1,132 @@
+"""Loading Flax variables from SuperGradients-style checkpoints and saving them back."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+
+from interop._convert import flax_to_torch, torch_to_flax
+from interop._dtypes import to_torch
+from interop._files import pick_section, read_checkpoint, save_safetensors, save_torch
+from interop._names import Rename
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    template: Any,
+    *,
+    which: str = "auto",
+    prefix: str | None = None,
+    strict: bool = True,
+    rename: Rename | None = None,
+    match_by_order: bool = False,
+    cast: bool = False,
+) -> Any:
+    """Loads ``net`` or ``ema_net`` from a ``.pth``/``.safetensors`` file into a Flax template.
+
+    Args:
+      path: a ``torch.save`` checkpoint (SuperGradients layout or a bare state_dict) or a
+        safetensors file; read with ``weights_only=True``.
+      template: linen variables, an nnx model or state (see ``torch_to_flax``).
+      which: ``"auto"`` (``ema_net`` when present, else ``net``), ``"net"`` or ``"ema_net"``.
+      prefix: load one part of a composite checkpoint, e.g. ``"teacher."`` of a KD model.
+      strict, rename, match_by_order, cast: as in ``torch_to_flax``.
+
+    Returns:
+      The filled template (linen dicts or ``nnx.State``), or ``Converted(value, report)`` when
+      ``strict=False``.
+
+    Raises:
+      OSError: when the file cannot be opened.
+      ValueError: naming the file, for unreadable or unsafe files, a missing section, or
+        mismatches (strict).
+
+    Example:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> tmpl = {"params": {"fc": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}}}
+      >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pth")
+      >>> save_checkpoint(path, net=tmpl, ema_net=tmpl, epoch=3)
+      >>> load_checkpoint(path, tmpl)["params"]["fc"]["bias"].shape
+      (3,)
+    """
+    state_dict = pick_section(read_checkpoint(path), which, path)
+    try:
+        return torch_to_flax(
+            state_dict,
+            template,
+            prefix=prefix,
+            rename=rename,
+            match_by_order=match_by_order,
+            strict=strict,
+            cast=cast,
+        )
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(path)} ({which}): {e}") from e
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    net: Any,
+    ema_net: Any = None,
+    torch_template: torch.nn.Module | Mapping[str, torch.Tensor] | None = None,
+    **extra: Any,
+) -> None:
+    """Writes Flax variables in SuperGradients' layout, atomically (temp file, then rename).
+
+    ``.safetensors`` paths get flat ``net.<key>``/``ema_net.<key>`` tensors with ``extra`` as
+    JSON metadata; anything else is a ``torch.save`` dict ``{"net", "ema_net", **extra}`` that
+    ``torch.load(weights_only=True)`` reads: numpy/jax scalars in ``extra`` become Python numbers
+    and arrays become tensors. For a KD model, pass ``net={"student": s, "teacher": t}`` and a
+    template module with ``.student`` and ``.teacher`` to get ``student.*``/``teacher.*`` keys.
+
+    Args:
+      path: the file to write.
+      net: linen variables, an nnx model or state, or a mapping of names to those.
+      ema_net: the EMA weights, same kinds; omitted when None.
+      torch_template: an ``nn.Module`` or state_dict giving names, order, dtypes and buffers.
+      **extra: other entries, e.g. ``epoch=3, acc=0.91``.
+
+    Raises:
+      ValueError: listing mismatches against the template.
+      TypeError: for ``extra`` values a safetensors file cannot hold as JSON.
+
+    Example:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> net = {"params": {"fc": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}}
+      >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pth")
+      >>> save_checkpoint(path, net=net, epoch=1)
+      >>> sorted(torch.load(path, weights_only=True))
+      ['epoch', 'net']
+    """
+    sections = {"net": flax_to_torch(net, torch_template)}
+    if ema_net is not None:
+        sections["ema_net"] = flax_to_torch(ema_net, torch_template)
+    if os.fspath(path).endswith(".safetensors"):
+        try:
+            metadata = {key: json.dumps(_plain(value)) for key, value in extra.items()}
+        except TypeError as e:
+            raise TypeError(f"safetensors metadata must be JSON; {e}") from e
+        save_safetensors(path, sections, metadata)
+    else:
+        save_torch(path, {**sections, **{k: _plain(v, tensors=True) for k, v in extra.items()}})
+
+
+def _plain(value: Any, tensors: bool = False) -> Any:
+    """Numpy/jax scalars -> Python numbers, arrays -> tensors (or lists), recursively."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v, tensors) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v, tensors) for v in value)
+    if isinstance(value, np.generic | np.ndarray | jax.Array):
+        array = np.asarray(value)
+        if array.ndim == 0:
+            return array.item()
+        return to_torch(array) if tensors else array.tolist()
+    return value

@@ -1,0 +1,261 @@
+"""The pure conversions: a PyTorch state_dict <-> Flax variables, through numpy."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from interop._dtypes import numpy_dtype, to_numpy, to_torch
+from interop._layouts import LEAVES, TORCH_ONLY, torch_shapes
+from interop._match import Unit, match, units
+from interop._names import Rename, compile_rename, strip_module
+from interop._report import Problems
+from interop._tree import flatten
+
+
+def torch_to_flax(
+    state_dict: Mapping[str, torch.Tensor],
+    template: Any,
+    *,
+    prefix: str | None = None,
+    rename: Rename | None = None,
+    match_by_order: bool = False,
+    strict: bool = True,
+    cast: bool = False,
+) -> Any:
+    """Fills a Flax template from a PyTorch state_dict; the inputs are left untouched.
+
+    Args:
+      state_dict: PyTorch names -> tensors; a ``module.`` prefix on every key is dropped.
+      template: linen variables (arrays or ``jax.ShapeDtypeStruct``), an nnx model or state, or
+        a mapping of names to those (each name a key prefix, e.g. ``student``).
+      prefix: keep only keys starting with it (e.g. ``"teacher."``), without it.
+      rename: ``{regex: replacement}`` rules turning PyTorch names into the Flax side's default
+        names, tried after exact (normalised) names.
+      match_by_order: pair what is left in order (linen only), shapes checked.
+      strict: raise on any mismatch; else return ``Converted(value, report)``, leaves that were
+        not filled keeping the template's value.
+      cast: convert dtypes that differ from the template's instead of reporting them.
+
+    Returns:
+      The template's structure (linen: dicts; nnx: an ``nnx.State`` for ``nnx.update``) holding
+      jax arrays, or numpy arrays for dtypes JAX cannot hold as is (float64 with x64 off).
+
+    Raises:
+      ValueError: listing every missing, unexpected, mis-shaped or mis-typed key (strict).
+      TypeError: for a template or state_dict of the wrong kind.
+
+    Example:
+      >>> import jax.numpy as jnp, torch
+      >>> sd = {"fc.weight": torch.ones(3, 2), "fc.bias": torch.zeros(3)}
+      >>> tmpl = {"params": {"fc": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}}}
+      >>> torch_to_flax(sd, tmpl)["params"]["fc"]["kernel"].shape
+      (2, 3)
+    """
+    flat = flatten(template)
+    _check_order(match_by_order, flat.ordered)
+    keys = _select(state_dict, prefix)
+    available = [k for k in keys if not _torch_only(k)]
+    unit_list = units(flat.leaves)
+    pairs = match(_expected(unit_list), available, compile_rename(rename), match_by_order)
+    problems = Problems()
+    values = [leaf.value for leaf in flat.leaves]
+    index = {id(leaf): i for i, leaf in enumerate(flat.leaves)}
+    for unit in unit_list:
+        found = [pairs.get(n) for n in unit.names]
+        if None in found:
+            lacking = ", ".join(n for n, f in zip(unit.names, found, strict=True) if f is None)
+            problems.missing += [f"{leaf.label} (needs {lacking})" for leaf in unit.leaves]
+            continue
+        tensors = [state_dict[keys[k]] for k in found]
+        arrays = _unit_to_flax(unit, tensors, [keys[k] for k in found], problems, cast)
+        for leaf, array in zip(unit.leaves, arrays or (), strict=False):
+            values[index[id(leaf)]] = array
+    used = set(pairs.values())
+    problems.unexpected += [keys[k] for k in available if k not in used]
+    return problems.finish(flat.rebuild(values), strict, "the state_dict")
+
+
+def flax_to_torch(
+    variables: Any,
+    torch_template: torch.nn.Module | Mapping[str, torch.Tensor] | None = None,
+    *,
+    rename: Rename | None = None,
+    match_by_order: bool = False,
+    strict: bool = True,
+    cast: bool = False,
+) -> Any:
+    """Turns Flax variables into a PyTorch state_dict; the inputs are left untouched.
+
+    Without a template, names follow the default: module path joined by dots, linen
+    ``layers_0`` and nnx index ``0`` both become ``layers.0``; ``kernel``/``scale``/``embedding``
+    become ``weight``, ``mean``/``var`` become ``running_mean``/``running_var``, and each
+    BatchNorm gets ``num_batches_tracked = 0``. With a template, the result has exactly its keys,
+    order and dtypes, and its ``num_batches_tracked`` buffers, so strict ``load_state_dict``
+    succeeds.
+
+    Args:
+      variables: linen variables, an nnx model or state, or a mapping of names to those
+        (``{"student": ..., "teacher": ...}`` gives ``student.*`` and ``teacher.*`` keys).
+      torch_template: an ``nn.Module`` or its state_dict.
+      rename: ``{regex: replacement}`` rules turning template names into default names.
+      match_by_order: pair what is left in order (linen only), shapes checked.
+      strict: raise on any mismatch; else return ``Converted(state_dict, report)``, template
+        keys that were not filled keeping the template's values.
+      cast: convert to the template's dtypes instead of reporting differences.
+
+    Returns:
+      An ``OrderedDict`` of PyTorch names -> new tensors (or ``Converted`` when not strict).
+
+    Raises:
+      ValueError: listing every missing, unexpected, mis-shaped or mis-typed key (strict).
+      TypeError: for inputs of the wrong kind.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> variables = {"params": {"layers_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}}
+      >>> {k: tuple(v.shape) for k, v in flax_to_torch(variables).items()}
+      {'layers.0.weight': (3, 2), 'layers.0.bias': (3,)}
+    """
+    flat = flatten(variables)
+    _check_order(match_by_order, flat.ordered)
+    unit_list = units(flat.leaves)
+    if torch_template is None:
+        return Problems().finish(_default_state_dict(unit_list), strict, "")
+    template = _template_state_dict(torch_template)
+    keys = _select(template, None)
+    available = [k for k in keys if not _torch_only(k)]
+    pairs = match(_expected(unit_list), available, compile_rename(rename), match_by_order)
+    problems = Problems()
+    produced: dict[str, torch.Tensor] = {}
+    for unit in unit_list:
+        found = [pairs.get(n) for n in unit.names]
+        if None in found:
+            problems.unexpected += [leaf.label for leaf in unit.leaves]
+            continue
+        arrays = unit.layout.to_torch([np.asarray(leaf.value) for leaf in unit.leaves])
+        for key, array in zip((keys[k] for k in found), arrays, strict=True):
+            tensor = _to_template(array, key, template[key], problems, cast)
+            if tensor is not None:
+                produced[key] = tensor
+    matched = {keys[k] for k in pairs.values()}
+    problems.missing += [keys[k] for k in available if keys[k] not in matched]
+    out = OrderedDict(
+        (key, produced[key] if key in produced else tensor.detach().clone())
+        for key, tensor in template.items()
+    )
+    return problems.finish(out, strict, "the Flax variables")
+
+
+def _check_order(match_by_order: bool, ordered: bool) -> None:
+    if match_by_order and not ordered:
+        raise ValueError(
+            "match_by_order=True needs linen variables: nnx state is sorted by name, not in "
+            "PyTorch's registration order. Use rename={pattern: replacement} instead."
+        )
+
+
+def _torch_only(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in TORCH_ONLY
+
+
+def _expected(unit_list: list[Unit]) -> list[str]:
+    return [name for unit in unit_list for name in unit.names]
+
+
+def _select(state_dict: Mapping[str, Any], prefix: str | None) -> dict[str, str]:
+    """Maps usable names (no ``module.``, no ``prefix``) to the original keys."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"expected a state_dict (mapping of names to tensors), got {state_dict!r}")
+    bad = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise TypeError(f"state_dict values must be tensors; not tensors: {bad}")
+    names = {s: k for k, s in strip_module(list(state_dict)).items()}
+    if prefix is None:
+        return names
+    kept = {s.removeprefix(prefix): k for s, k in names.items() if s.startswith(prefix)}
+    if not kept:
+        heads = sorted({s.split(".", 1)[0] + "." for s in names})
+        raise ValueError(f"no key starts with prefix {prefix!r}; the keys start with {heads}")
+    return kept
+
+
+def _unit_to_flax(
+    unit: Unit, tensors: list[torch.Tensor], keys: list[str], problems: Problems, cast: bool
+) -> list[Any] | None:
+    shapes = [tuple(leaf.value.shape) for leaf in unit.leaves]
+    wanted = torch_shapes(unit.layout, shapes)
+    bad = [
+        f"{key}: {tuple(t.shape)} in the state_dict, {w} for {unit.leaves[0].label}"
+        for key, t, w in zip(keys, tensors, wanted, strict=True)
+        if tuple(t.shape) != w
+    ]
+    try:
+        arrays = [to_numpy(t) for t in tensors]
+    except TypeError as e:
+        bad.append(f"{', '.join(keys)}: {e}")
+        problems.dtypes += bad
+        return None
+    if bad:
+        problems.shapes += bad
+        return None
+    out = []
+    for leaf, array in zip(unit.leaves, unit.layout.to_flax(arrays, shapes), strict=True):
+        want = np.dtype(leaf.value.dtype)
+        if array.dtype != want and not cast:
+            problems.dtypes.append(
+                f"{leaf.label}: {array.dtype} in the state_dict, {want} in the template "
+                "(pass cast=True to convert)"
+            )
+            return None
+        out.append(_to_jax(array.astype(want, copy=False)))
+    return out
+
+
+def _to_jax(array: np.ndarray) -> Any:
+    if jax.dtypes.canonicalize_dtype(array.dtype) == array.dtype:
+        return jnp.asarray(array)
+    return np.array(array, order="C", copy=True)
+
+
+def _template_state_dict(torch_template: Any) -> Mapping[str, torch.Tensor]:
+    if isinstance(torch_template, torch.nn.Module):
+        return torch_template.state_dict()
+    if isinstance(torch_template, Mapping):
+        return torch_template
+    raise TypeError(
+        f"torch_template must be an nn.Module or its state_dict, got {type(torch_template)}"
+    )
+
+
+def _to_template(
+    array: np.ndarray, key: str, like: torch.Tensor, problems: Problems, cast: bool
+) -> torch.Tensor | None:
+    if array.shape != tuple(like.shape):
+        problems.shapes.append(f"{key}: {array.shape} from Flax, {tuple(like.shape)} in template")
+        return None
+    want = numpy_dtype(like.dtype)
+    if array.dtype != want and not cast:
+        problems.dtypes.append(
+            f"{key}: {array.dtype} from Flax, {like.dtype} in the template "
+            "(pass cast=True to convert)"
+        )
+        return None
+    return to_torch(array.astype(want, copy=False))
+
+
+def _default_state_dict(unit_list: list[Unit]) -> OrderedDict[str, torch.Tensor]:
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for unit in unit_list:
+        arrays = unit.layout.to_torch([np.asarray(leaf.value) for leaf in unit.leaves])
+        out.update(zip(unit.names, map(to_torch, arrays), strict=True))
+        if unit.layout is LEAVES["var"]:
+            head = unit.names[0].rpartition(".")[0]
+            out[f"{head}.{TORCH_ONLY[0]}" if head else TORCH_ONLY[0]] = torch.tensor(0)
+    return out

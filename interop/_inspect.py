@@ -1,0 +1,96 @@
+"""A plain-text summary of a checkpoint file, for ``jema inspect CKPT``."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from interop._dtypes import to_numpy
+from interop._files import SECTIONS, read_checkpoint
+
+
+def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
+    """Describes a checkpoint: sections, tensor and parameter counts, dtypes, other keys, and
+    for files with both ``net`` and ``ema_net`` their relative distance per layer.
+
+    The file is read as ``load_checkpoint`` reads it (``weights_only=True``).
+
+    Args:
+      path: a ``.pth``/``.pt`` or ``.safetensors`` file.
+
+    Returns:
+      The report, one item per line.
+
+    Raises:
+      OSError: when the file cannot be opened.
+      ValueError: naming the file when it is unreadable, unsafe or not a dict.
+
+    Example:
+      >>> import os, tempfile
+      >>> path = os.path.join(tempfile.mkdtemp(), "sd.pth")
+      >>> torch.save({"fc.weight": torch.ones(3, 2)}, path)
+      >>> print(inspect_checkpoint(path).splitlines()[1])
+      state_dict: 1 tensors, 6 parameters, dtypes float32 x1
+    """
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{os.fspath(path)} holds a {type(checkpoint).__name__}, not a dict")
+    lines = [f"{os.fspath(path)} ({os.path.getsize(path):,} bytes)"]
+    sections = {s: checkpoint[s] for s in SECTIONS if isinstance(checkpoint.get(s), Mapping)}
+    if not sections and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        sections = {"state_dict": checkpoint}
+    for name, state_dict in sections.items():
+        lines.append(f"{name}: {_summary(state_dict)}")
+    others = [] if "state_dict" in sections else [k for k in checkpoint if k not in sections]
+    if not sections:
+        lines.append("no 'net', 'ema_net' or state_dict found")
+    lines += [f"{k}: {_describe(checkpoint[k])}" for k in others]
+    if len(sections) == 2:
+        lines.append("relative distance |net - ema_net| / |net| per layer:")
+        lines += _distances(sections["net"], sections["ema_net"])
+    return "\n".join(lines)
+
+
+def _summary(state_dict: Mapping[str, Any]) -> str:
+    tensors = [t for t in state_dict.values() if isinstance(t, torch.Tensor)]
+    dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors)
+    kinds = ", ".join(f"{d} x{n}" for d, n in sorted(dtypes.items()))
+    total = sum(t.numel() for t in tensors)
+    return f"{len(tensors)} tensors, {total:,} parameters, dtypes {kinds or '-'}"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, int | float | str | bool) or value is None:
+        return repr(value)[:80]
+    if isinstance(value, torch.Tensor):
+        return f"tensor {tuple(value.shape)} {value.dtype}"
+    if isinstance(value, Mapping):
+        return f"dict with {len(value)} keys"
+    return type(value).__name__
+
+
+def _distances(net: Mapping[str, Any], ema: Mapping[str, Any]) -> list[str]:
+    layers: dict[str, list[float]] = {}
+    for key, tensor in net.items():
+        other = ema.get(key)
+        if not (isinstance(other, torch.Tensor) and tensor.is_floating_point()):
+            continue
+        if other.shape != tensor.shape:
+            continue
+        a, b = to_numpy(tensor).astype(np.float64), to_numpy(other).astype(np.float64)
+        sums = layers.setdefault(key.rpartition(".")[0] or key, [0.0, 0.0])
+        sums[0] += float(np.sum((a - b) ** 2))
+        sums[1] += float(np.sum(a**2))
+    width = max((len(k) for k in layers), default=0)
+    return [f"  {layer:<{width}}  {_relative(d, n):.3e}" for layer, (d, n) in layers.items()]
+
+
+def _relative(squared_diff: float, squared_norm: float) -> float:
+    if squared_norm == 0:
+        return 0.0 if squared_diff == 0 else float("inf")
+    return float(np.sqrt(squared_diff / squared_norm))

@@ -1,0 +1,113 @@
+"""The layout table: how Flax leaves map onto PyTorch tensors, used in both directions.
+
+Each entry names a Flax module's leaves (relative paths), the PyTorch tensors they become
+(relative names, in PyTorch's registration order), and one function per direction.
+
+- ``kernel`` <-> ``weight``: Linear (O, I) <-> Dense (I, O), and Conv1d/2d/3d (grouped and
+  depthwise) (O, I/g, *S) <-> Conv (*S, I/g, O). ConvTranspose (I, O/g, *S) maps with the same
+  permutation onto ``flax ConvTranspose(transpose_kernel=True)`` with explicit padding
+  ``(d*(k-1)-p, d*(k-1)-p+output_padding)`` per spatial axis (Flax has no grouped transpose).
+- ``scale`` <-> ``weight`` (BatchNorm, LayerNorm, GroupNorm), ``embedding`` <-> ``weight``,
+  ``bias`` <-> ``bias``, BatchNorm ``mean``/``var`` <-> ``running_mean``/``running_var``.
+- Multi-head attention: Flax ``query``/``key``/``value`` kernels (E, H, D) and ``out`` (H, D, E)
+  <-> PyTorch's packed ``in_proj_weight`` (3E, E) and ``out_proj.weight`` (E, E), with biases.
+- Any other leaf keeps its name and values (a bare ``nn.Parameter`` such as ``cls_token``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+Arrays = Sequence[np.ndarray]
+Shapes = Sequence[tuple[int, ...]]
+
+# PyTorch buffers with no Flax twin: kept on the PyTorch side only.
+TORCH_ONLY = ("num_batches_tracked",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One Flax module's leaves <-> one PyTorch module's tensors."""
+
+    flax: tuple[tuple[str, ...], ...]
+    torch: tuple[str, ...]
+    to_torch: Callable[[Arrays], list[np.ndarray]]
+    to_flax: Callable[[Arrays, Shapes], list[np.ndarray]]
+
+
+def _same(arrays: Arrays, shapes: Shapes = ()) -> list[np.ndarray]:
+    return list(arrays)
+
+
+def _kernel_to_torch(arrays: Arrays) -> list[np.ndarray]:
+    (k,) = arrays
+    n = k.ndim
+    return [np.transpose(k, (n - 1, n - 2, *range(n - 2)))]
+
+
+def _kernel_to_flax(arrays: Arrays, shapes: Shapes) -> list[np.ndarray]:
+    (w,) = arrays
+    n = w.ndim
+    return [np.transpose(w, (*range(2, n), 1, 0))]
+
+
+def _attention(bias: bool) -> Layout:
+    parts = ("query", "key", "value", "out")
+    leaves = ("kernel", "bias") if bias else ("kernel",)
+    flax = tuple((p, leaf) for p in parts for leaf in leaves)
+    torch = ("in_proj_weight", "in_proj_bias") if bias else ("in_proj_weight",)
+    torch += ("out_proj.weight", "out_proj.bias") if bias else ("out_proj.weight",)
+
+    def to_torch(arrays: Arrays) -> list[np.ndarray]:
+        by = dict(zip(flax, arrays, strict=True))
+        e = by["out", "kernel"].shape[-1]
+        qkv = [by[p, "kernel"] for p in parts[:3]]
+        out = [np.concatenate([k.reshape(k.shape[0], -1).T for k in qkv])]
+        if bias:
+            out.append(np.concatenate([by[p, "bias"].reshape(-1) for p in parts[:3]]))
+        out.append(by["out", "kernel"].reshape(-1, e).T)
+        if bias:
+            out.append(by["out", "bias"])
+        return out
+
+    def to_flax(arrays: Arrays, shapes: Shapes) -> list[np.ndarray]:
+        by = dict(zip(torch, arrays, strict=True))
+        want = dict(zip(flax, shapes, strict=True))
+        qkv = np.split(by["in_proj_weight"], 3)
+        b = np.split(by["in_proj_bias"], 3) if bias else [None] * 3
+        out: list[np.ndarray] = []
+        for p, w, bp in zip(parts[:3], qkv, b, strict=True):
+            out.append(w.T.reshape(want[p, "kernel"]))
+            if bias:
+                out.append(bp.reshape(want[p, "bias"]))
+        out.append(by["out_proj.weight"].T.reshape(want["out", "kernel"]))
+        if bias:
+            out.append(by["out_proj.bias"])
+        return out
+
+    return Layout(flax, torch, to_torch, to_flax)
+
+
+LEAVES: dict[str, Layout] = {
+    "kernel": Layout((("kernel",),), ("weight",), _kernel_to_torch, _kernel_to_flax),
+    "scale": Layout((("scale",),), ("weight",), _same, _same),
+    "embedding": Layout((("embedding",),), ("weight",), _same, _same),
+    "bias": Layout((("bias",),), ("bias",), _same, _same),
+    "mean": Layout((("mean",),), ("running_mean",), _same, _same),
+    "var": Layout((("var",),), ("running_var",), _same, _same),
+}
+MODULES: tuple[Layout, ...] = (_attention(bias=True), _attention(bias=False))
+
+
+def for_leaf(name: str) -> Layout:
+    """The entry for one Flax leaf name; unknown names keep their name and values."""
+    return LEAVES.get(name) or Layout(((name,),), (name,), _same, _same)
+
+
+def torch_shapes(layout: Layout, flax_shapes: Shapes) -> list[tuple[int, ...]]:
+    """The PyTorch shapes that a set of Flax shapes becomes, without touching real data."""
+    dummies = [np.broadcast_to(np.int8(0), s) for s in flax_shapes]
+    return [tuple(a.shape) for a in layout.to_torch(dummies)]

@@ -1,0 +1,100 @@
+"""Pairing Flax leaves with PyTorch keys: by name, then rename rules, then (opt-in) by order."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+from interop._layouts import MODULES, Layout, for_leaf
+from interop._names import apply_rename, dotted, normalise
+from interop._tree import Leaf, Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """Flax leaves converted together, with their default PyTorch names (same order as layout)."""
+
+    layout: Layout
+    leaves: tuple[Leaf, ...]
+    names: tuple[str, ...]
+
+
+def units(leaves: Sequence[Leaf]) -> list[Unit]:
+    """Groups leaves by module into layout units, in module order (linen: first-call order).
+
+    Within a module, leaves keep their order, so a BatchNorm reads scale, bias, mean, var:
+    PyTorch's weight, bias, running_mean, running_var.
+    """
+    by_module: dict[Path, list[Leaf]] = {}
+    for leaf in leaves:
+        by_module.setdefault(leaf.module, []).append(leaf)
+    position = {id(leaf): i for i, leaf in enumerate(leaves)}
+    taken: dict[int, Unit | None] = {}
+    for parent in dict.fromkeys(m[:-1] for m in by_module if m):
+        for layout in MODULES:
+            found = _module_leaves(layout, parent, by_module)
+            if found is not None:
+                first = min(found, key=lambda leaf: position[id(leaf)])
+                unit = _unit(layout, parent, found)
+                taken.update({id(leaf): unit if leaf is first else None for leaf in found})
+    out = []
+    for leaf in leaves:
+        if id(leaf) not in taken:
+            out.append(_unit(for_leaf(leaf.name), leaf.module, (leaf,)))
+        elif (unit := taken[id(leaf)]) is not None:
+            out.append(unit)
+    return out
+
+
+def _unit(layout: Layout, module: Path, leaves: tuple[Leaf, ...]) -> Unit:
+    prefix = dotted(module)
+    names = tuple(f"{prefix}.{t}" if prefix else t for t in layout.torch)
+    return Unit(layout, leaves, names)
+
+
+def _module_leaves(
+    layout: Layout, parent: Path, by_module: dict[Path, list[Leaf]]
+) -> tuple[Leaf, ...] | None:
+    found = []
+    for rel in layout.flax:
+        candidates = by_module.get((*parent, *rel[:-1]), [])
+        leaf = next((c for c in candidates if c.name == rel[-1]), None)
+        if leaf is None:
+            return None
+        found.append(leaf)
+    subs = {(*parent, *rel[:-1]) for rel in layout.flax}
+    if sum(len(by_module[s]) for s in subs) != len(found):
+        return None
+    return tuple(found)
+
+
+def match(
+    expected: Sequence[str],
+    available: Sequence[str],
+    rules: Sequence[tuple[re.Pattern[str], str]],
+    by_order: bool,
+) -> dict[str, str]:
+    """Pairs expected default names with available keys; returns expected -> available.
+
+    Raises:
+      ValueError: when two available keys are the same name once normalised.
+    """
+    normal: dict[str, str] = {}
+    for key in available:
+        if normalise(key) in normal:
+            raise ValueError(f"keys {normal[normalise(key)]!r} and {key!r} name the same tensor")
+        normal[normalise(key)] = key
+    wanted = set(expected)
+    pairs = {n: k for n, k in normal.items() if n in wanted}
+    if rules:
+        used = set(pairs.values())
+        for key in available:
+            renamed = normalise(apply_rename(key, rules))
+            if key not in used and renamed in wanted and renamed not in pairs:
+                pairs[renamed] = key
+    if by_order:
+        used = set(pairs.values())
+        rest = [k for k in available if k not in used]
+        pairs.update(zip([e for e in expected if e not in pairs], rest, strict=False))
+    return pairs

@@ -1,0 +1,72 @@
+"""What did not line up in a conversion, collected and reported at once."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """Mismatches found by a conversion, each tuple sorted.
+
+    Attributes:
+      missing: what the destination needs and the source lacks.
+      unexpected: what the source holds and the destination has no place for.
+      shapes: pairs matched by name whose shapes differ.
+      dtypes: pairs whose dtypes differ (no silent casts), or dtypes outside the table.
+    """
+
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    shapes: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is missing, unexpected or mismatched."""
+        return not (self.missing or self.unexpected or self.shapes or self.dtypes)
+
+    def __str__(self) -> str:
+        lines = []
+        for title, items in dataclasses.asdict(self).items():
+            if items:
+                lines.append(f"{len(items)} {title}:")
+                lines += [f"  {item}" for item in items]
+        return "\n".join(lines) or "all keys matched"
+
+
+class Converted(NamedTuple):
+    """What non-strict conversions return: the converted value and its report."""
+
+    value: Any
+    report: Report
+
+
+@dataclasses.dataclass
+class Problems:
+    """Accumulates mismatches while converting."""
+
+    missing: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    shapes: list[str] = dataclasses.field(default_factory=list)
+    dtypes: list[str] = dataclasses.field(default_factory=list)
+
+    def report(self) -> Report:
+        return Report(*(tuple(sorted(v)) for v in dataclasses.asdict(self).values()))
+
+    def finish(self, value: Any, strict: bool, what: str) -> Any:
+        """Returns ``value`` (strict) or ``Converted`` (non-strict); strict raises on mismatches.
+
+        Raises:
+          ValueError: in strict mode, listing every mismatch.
+        """
+        report = self.report()
+        if not strict:
+            return Converted(value, report)
+        if not report.ok:
+            raise ValueError(
+                f"{what} does not match:\n{report}\n"
+                "Pass rename={pattern: replacement}, match_by_order=True (linen) or strict=False."
+            )
+        return value

@@ -1,0 +1,131 @@
+"""Flax variables (linen dicts, nnx models and states, named groups) as flat leaves and back."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+
+Path = tuple[str | int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One array of a Flax structure.
+
+    Attributes:
+      path: its key path in the structure, e.g. ``("params", "conv1", "kernel")``.
+      module: its module path without collections, e.g. ``("conv1",)``.
+      value: an array, or a ``jax.ShapeDtypeStruct`` in an abstract template.
+    """
+
+    path: Path
+    module: Path
+    value: Any
+
+    @property
+    def name(self) -> str:
+        return str(self.path[-1])
+
+    @property
+    def label(self) -> str:
+        return "/".join(str(p) for p in self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flat:
+    """Leaves in the structure's order, how to rebuild it, and whether that order is linen's."""
+
+    leaves: list[Leaf]
+    rebuild: Callable[[list[Any]], Any]
+    ordered: bool
+
+
+def flatten(variables: Any) -> Flat:
+    """Flattens linen variables, an nnx model or state, or a mapping of named such parts.
+
+    A mapping without ``"params"`` whose values are all variables (e.g.
+    ``{"student": ..., "teacher": ...}``) is a group: each name becomes a module prefix.
+
+    Raises:
+      TypeError: naming the type when the input is none of these.
+    """
+    if isinstance(variables, nnx.Module):
+        variables = nnx.state(variables, (nnx.Param, nnx.BatchStat))
+    if isinstance(variables, nnx.State):
+        return _flatten_nnx(variables)
+    if isinstance(variables, Mapping) and "params" in variables:
+        return _flatten_linen(variables)
+    if isinstance(variables, Mapping) and variables and all(map(_is_variables, variables.values())):
+        return _flatten_group(variables)
+    raise TypeError(
+        f"expected linen variables {{'params': ..., 'batch_stats': ...}}, an nnx Module or "
+        f"State, or a mapping of names to those; got {type(variables).__name__}"
+    )
+
+
+def _is_variables(x: Any) -> bool:
+    return isinstance(x, nnx.Module | nnx.State) or (isinstance(x, Mapping) and "params" in x)
+
+
+def _walk(tree: Mapping, prefix: Path) -> list[tuple[Path, Any]]:
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out += _walk(value, (*prefix, key))
+        else:
+            out.append(((*prefix, key), value))
+    return out
+
+
+def _nest(items: list[tuple[Path, Any]]) -> dict:
+    root: dict = {}
+    for path, value in items:
+        node = root
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return root
+
+
+def _flatten_linen(variables: Mapping) -> Flat:
+    items = _walk(variables, ())
+    leaves = [Leaf(path, path[1:-1], value) for path, value in items]
+    paths = [path for path, _ in items]
+    return Flat(leaves, lambda values: _nest(list(zip(paths, values, strict=True))), True)
+
+
+def _flatten_nnx(state: nnx.State) -> Flat:
+    state = state.filter((nnx.Param, nnx.BatchStat))
+    items = _walk(state.to_pure_dict(), ())
+    leaves = [Leaf(path, path[:-1], value) for path, value in items]
+    paths = [path for path, _ in items]
+
+    def rebuild(values: list[Any]) -> nnx.State:
+        new = jax.tree.map(lambda x: x, state)
+        new.replace_by_pure_dict(_nest(list(zip(paths, values, strict=True))))
+        return new
+
+    return Flat(leaves, rebuild, False)
+
+
+def _flatten_group(group: Mapping) -> Flat:
+    parts = {name: flatten(v) for name, v in group.items()}
+    leaves = [
+        Leaf((name, *leaf.path), (name, *leaf.module), leaf.value)
+        for name, flat in parts.items()
+        for leaf in flat.leaves
+    ]
+    sizes = [len(flat.leaves) for flat in parts.values()]
+
+    def rebuild(values: list[Any]) -> dict:
+        out, start = {}, 0
+        for (name, flat), size in zip(parts.items(), sizes, strict=True):
+            out[name] = flat.rebuild(values[start : start + size])
+            start += size
+        return out
+
+    return Flat(leaves, rebuild, all(flat.ordered for flat in parts.values()))
