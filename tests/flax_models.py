@@ -48,7 +48,9 @@ def batches(n: int, seed: int = 0, size: int = 6) -> list[tuple[jax.Array, jax.A
 
 def linen_state(seed: int = 0, hidden: int = HIDDEN, **ema_kwargs) -> TrainState:
     model = LinenNet(hidden)
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, IN)), train=False)
+    variables = jax.jit(model.init, static_argnames="train")(
+        jax.random.key(seed), jnp.zeros((1, IN)), train=False
+    )
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
