@@ -1,0 +1,160 @@
+"""Saving and resuming training with its EMA (orbax), and exporting in SuperGradients' layout."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jema import nnx as jema_nnx
+from jema.train_state import TrainState
+
+Directory = str | os.PathLike[str] | ocp.CheckpointManager
+
+
+def save(directory: Directory, step: int, state: Any) -> None:
+    """Save the whole train state, EMA and its count included, as checkpoint ``step``.
+
+    Args:
+      directory: a folder (a manager is made and closed, so the save is finished on
+        return) or your own ``ocp.CheckpointManager`` (its options and async saving apply).
+      step: the checkpoint's number, e.g. the training step.
+      state: a linen :class:`jema.TrainState` (or any pytree), or nnx objects: a module, an
+        ``nnx.Optimizer`` or a tuple of them, e.g. ``(model, optimizer)``.
+
+    Raises:
+      ValueError: when ``step`` is already saved there (orbax's error).
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp, optax, jema
+      >>> from jema.train_state import TrainState
+      >>> state = TrainState.create(apply_fn=None, params={"w": jnp.ones(2)},
+      ...                           tx=jema.with_ema(optax.sgd(0.1)))
+      >>> save(tempfile.mkdtemp(), 0, state)
+    """
+    with _manager(directory) as manager:
+        manager.save(step, args=ocp.args.StandardSave(_tree(state)))
+
+
+def restore(directory: Directory, template: Any, *, step: int | None = None) -> Any:
+    """Restore checkpoint ``step`` (default: the latest) into the structure of ``template``.
+
+    Args:
+      directory: a folder or an ``ocp.CheckpointManager``.
+      template: a state built the same way as the saved one (same model, optimizer and
+        attached batch statistics), e.g. a freshly created one; only its structure, shapes
+        and dtypes are used. nnx objects (a module, an optimizer or a tuple) are updated in
+        place.
+      step: the checkpoint to restore; None for the latest.
+
+    Returns:
+      The restored state (the updated nnx objects, for an nnx template).
+
+    Raises:
+      FileNotFoundError: when there is no checkpoint in ``directory``.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp, optax, jema
+      >>> from jema.train_state import TrainState
+      >>> state = TrainState.create(apply_fn=None, params={"w": jnp.ones(2)},
+      ...                           tx=jema.with_ema(optax.sgd(0.1)))
+      >>> folder = tempfile.mkdtemp()
+      >>> save(folder, 3, state)
+      >>> int(jema.ema_count(restore(folder, state).opt_state))
+      0
+    """
+    with _manager(directory) as manager:
+        if step is None:
+            step = manager.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(template))
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    if _is_nnx(template):
+        nnx.update(template, restored)
+        return template
+    return restored
+
+
+def export_pth(
+    path: str | os.PathLike[str],
+    student: TrainState | tuple[nnx.Module, nnx.Optimizer],
+    *,
+    teacher: Any = None,
+    torch_template: Any = None,
+    **extra: Any,
+) -> None:
+    """Write ``net`` and ``ema_net`` in SuperGradients' layout through ``interop.save_checkpoint``.
+
+    Needs PyTorch and ``interop`` (imported here, never by ``import jema``).
+
+    Args:
+      path: the ``.pth`` (or ``.safetensors``) file to write.
+      student: a linen :class:`jema.TrainState`, or ``(model, optimizer)`` for nnx.
+      teacher: for knowledge distillation, the frozen teacher's variables (linen) or module
+        (nnx); keys then get SG's KD prefixes ``student.`` and ``teacher.``, and ``ema_net``
+        holds the same teacher.
+      torch_template: the PyTorch module (or state_dict) giving names, order and buffers;
+        for KD, one with ``.student`` and ``.teacher``.
+      **extra: other checkpoint entries, e.g. ``epoch=3, acc=0.91``.
+
+    Raises:
+      TypeError: for a ``student`` of another kind.
+      ValueError: as ``interop.save_checkpoint`` (mismatches against the template).
+
+    Example:
+      >>> import os, tempfile, jax.numpy as jnp, optax, jema
+      >>> from jema.train_state import TrainState
+      >>> state = TrainState.create(apply_fn=None, params={"fc": {"kernel": jnp.ones((2, 3))}},
+      ...                           tx=jema.with_ema(optax.sgd(0.1)))
+      >>> export_pth(os.path.join(tempfile.mkdtemp(), "ckpt.pth"), state, epoch=1)
+    """
+    import interop
+
+    net, ema_net = _net_and_ema(student)
+    if teacher is not None:
+        net, ema_net = (
+            {"student": net, "teacher": teacher},
+            {"student": ema_net, "teacher": teacher},
+        )
+    interop.save_checkpoint(path, net=net, ema_net=ema_net, torch_template=torch_template, **extra)
+
+
+def _net_and_ema(student: Any) -> tuple[Any, Any]:
+    if isinstance(student, TrainState):
+        net = {"params": student.params}
+        if student.batch_stats is not None:
+            net["batch_stats"] = student.batch_stats
+        return net, student.ema_variables()
+    if isinstance(student, tuple) and len(student) == 2:
+        model, optimizer = student
+        if isinstance(model, nnx.Module) and isinstance(optimizer, nnx.Optimizer):
+            weights = nnx.Any(nnx.Param, nnx.BatchStat)
+            net = nnx.as_pure(nnx.state(model, weights))
+            with jema_nnx.ema_weights(model, optimizer):
+                ema_net = nnx.as_pure(nnx.state(model, weights))
+            return net, ema_net
+    raise TypeError(
+        f"student must be a jema TrainState or a (model, optimizer) pair of an nnx.Module and "
+        f"an nnx.Optimizer; got {type(student).__name__}"
+    )
+
+
+def _is_nnx(state: Any) -> bool:
+    nodes = state if isinstance(state, tuple) else (state,)
+    return bool(nodes) and all(isinstance(node, nnx.Pytree) for node in nodes)
+
+
+def _tree(state: Any) -> Any:
+    return nnx.state(state) if _is_nnx(state) else state
+
+
+def _manager(directory: Directory) -> contextlib.AbstractContextManager[ocp.CheckpointManager]:
+    """A caller's manager stays open; one made here is closed (its saves finished) on exit."""
+    if isinstance(directory, ocp.CheckpointManager):
+        return contextlib.nullcontext(directory)
+    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)))
