@@ -133,15 +133,19 @@ def _net_and_ema(student: Any) -> tuple[Any, Any]:
     if isinstance(student, tuple) and len(student) == 2:
         model, optimizer = student
         if isinstance(model, nnx.Module) and isinstance(optimizer, nnx.Optimizer):
-            weights = nnx.Any(nnx.Param, nnx.BatchStat)
-            net = nnx.as_pure(nnx.state(model, weights))
+            net = _detached_weights(model)
             with jema_nnx.ema_weights(model, optimizer):
-                ema_net = nnx.as_pure(nnx.state(model, weights))
+                ema_net = _detached_weights(model)
             return net, ema_net
     raise TypeError(
         f"student must be a jema TrainState or a (model, optimizer) pair of an nnx.Module and "
         f"an nnx.Optimizer; got {type(student).__name__}"
     )
+
+
+def _detached_weights(model: nnx.Module) -> nnx.State:
+    """The model's Param and BatchStat variables, as new Variables holding today's values."""
+    return jax.tree.map(lambda x: x, nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
 
 
 def _is_nnx(state: Any) -> bool:

@@ -1,0 +1,179 @@
+"""Checkpoints: bitwise-exact resume through orbax (linen, nnx), SG-layout export with the EMA."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+
+import interop
+import jema
+import jema.nnx
+from jema.checkpoint import export_pth, restore, save
+from jema.kd import linen_kd_steps
+from jema.train_state import finalize
+from tests.flax_models import NnxNet, batches, linen_state, linen_train_step
+
+N = 3
+
+
+def assert_bit_identical(a, b):
+    """Same leaves at the same paths, equal bit for bit (static fields like apply_fn ignored)."""
+    leaves_a, leaves_b = (jax.tree_util.tree_leaves_with_path(t) for t in (a, b))
+    assert [jax.tree_util.keystr(p) for p, _ in leaves_a] == [
+        jax.tree_util.keystr(p) for p, _ in leaves_b
+    ]
+    for (path, x), (_, y) in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(
+            np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path)
+        )
+
+
+def test_linen_resume_is_bitwise_exact(tmp_path):
+    data = batches(2 * N)
+    straight = linen_state(decay=0.9, decay_type="threshold")
+    for x, y in data:
+        straight = linen_train_step(straight, x, y)
+
+    first = linen_state(decay=0.9, decay_type="threshold")
+    for x, y in data[:N]:
+        first = linen_train_step(first, x, y)
+    save(tmp_path, N, first)
+    resumed = restore(tmp_path, linen_state(seed=1, decay=0.9, decay_type="threshold"))
+    assert_bit_identical(resumed, first)
+    for x, y in data[N:]:
+        resumed = linen_train_step(resumed, x, y)
+
+    assert_bit_identical(resumed, straight)  # params, batch_stats, step, optimizer state, EMA
+    assert int(jema.ema_count(resumed.opt_state)) == 2 * N
+    assert_bit_identical(resumed.ema_variables(), straight.ema_variables())
+
+
+def nnx_training(seed=0):
+    model = NnxNet(rngs=nnx.Rngs(seed))
+    optimizer = nnx.Optimizer(
+        model, jema.with_ema(optax.adam(0.05), decay=0.8, decay_type="constant"), wrt=nnx.Param
+    )
+    jema.nnx.attach_batch_stats(optimizer, model)
+    return model, optimizer
+
+
+@nnx.jit
+def nnx_train_step(model, optimizer, x, y):
+    def loss(model):
+        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    jema.nnx.update(optimizer, model, nnx.grad(loss)(model))
+
+
+def test_nnx_resume_is_bitwise_exact_and_restores_in_place(tmp_path):
+    data = batches(2 * N)
+    straight = nnx_training()
+    for x, y in data:
+        nnx_train_step(*straight, x, y)
+
+    first = nnx_training()
+    for x, y in data[:N]:
+        nnx_train_step(*first, x, y)
+    save(tmp_path, N, first)
+    resumed = nnx_training(seed=1)
+    assert restore(tmp_path, resumed) is resumed
+    for x, y in data[N:]:
+        nnx_train_step(*resumed, x, y)
+
+    assert_bit_identical(nnx.state(resumed), nnx.state(straight))
+    assert int(jema.ema_count(resumed[1].opt_state)) == 2 * N
+    assert_bit_identical(
+        jema.ema_batch_stats(resumed[1].opt_state), jema.ema_batch_stats(straight[1].opt_state)
+    )
+
+
+def test_restore_picks_a_step_and_works_with_a_caller_manager(tmp_path):
+    import orbax.checkpoint as ocp
+
+    states = [linen_state()]
+    for x, y in batches(2):
+        states.append(linen_train_step(states[-1], x, y))
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        for step, state in enumerate(states):
+            save(manager, step, state)
+        manager.wait_until_finished()
+        assert_bit_identical(restore(manager, states[0], step=1), states[1])
+    assert_bit_identical(restore(tmp_path / "ckpt", states[0]), states[2])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        restore(tmp_path / "empty", states[0])
+
+
+def load(path, template, which):
+    return interop.load_checkpoint(path, template, which=which)
+
+
+def trained_linen(steps=3, **kwargs):
+    state = linen_state(decay=0.7, decay_type="constant", **kwargs)
+    for x, y in batches(steps, seed=4):
+        state = linen_train_step(state, x, y)
+    return state
+
+
+def test_export_pth_writes_net_and_ema_net(tmp_path):
+    state = trained_linen()
+    path = tmp_path / "ckpt.pth"
+    export_pth(path, state, epoch=2)
+    checkpoint = torch.load(path, weights_only=True)
+    assert sorted(checkpoint) == ["ema_net", "epoch", "net"]
+    assert checkpoint["epoch"] == 2
+    raw = {"params": state.params, "batch_stats": state.batch_stats}
+    assert_bit_identical(load(path, raw, "net"), raw)
+    assert_bit_identical(load(path, raw, "ema_net"), state.ema_variables())
+    # a model loaded from it gets the EMA (SG prefers ema_net), like finalize
+    final = finalize(state)
+    assert_bit_identical(
+        load(path, raw, "auto"), {"params": final.params, "batch_stats": final.batch_stats}
+    )
+
+
+def test_export_pth_for_nnx(tmp_path):
+    model, optimizer = nnx_training()
+    for x, y in batches(2):
+        nnx_train_step(model, optimizer, x, y)
+    path = tmp_path / "nnx.pth"
+    export_pth(path, (model, optimizer))
+    template = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    assert_bit_identical(nnx.as_pure(load(path, template, "net")), nnx.as_pure(template))
+    ema = load(path, template, "ema_net")
+    assert_bit_identical(
+        nnx.as_pure(ema["bn"]["mean"]), jema.ema_batch_stats(optimizer.opt_state)["bn"]["mean"]
+    )
+    assert_bit_identical(
+        nnx.as_pure(ema["dense1"]["kernel"]),
+        jema.ema_params(optimizer.opt_state)["dense1"]["kernel"],
+    )
+    with pytest.raises(TypeError, match="student must be"):
+        export_pth(path, model)
+
+
+def test_kd_export_and_a_teacher_loaded_from_pytorch(tmp_path):
+    teacher_state = trained_linen(hidden=16)
+    teacher_path = tmp_path / "teacher.pth"
+    export_pth(teacher_path, teacher_state)
+    template = {"params": teacher_state.params, "batch_stats": teacher_state.batch_stats}
+    teacher = interop.load_checkpoint(teacher_path, template)  # ema_net, as SG does
+    assert_bit_identical(teacher, teacher_state.ema_variables())
+
+    student = linen_state()
+    train_step, _ = linen_kd_steps(teacher_state.apply_fn)
+    for x, y in batches(2):
+        student, _ = train_step(student, teacher, x, y)
+    kd_path = tmp_path / "kd.pth"
+    export_pth(kd_path, student, teacher=teacher)
+    checkpoint = torch.load(kd_path, weights_only=True)
+    for section in ("net", "ema_net"):
+        prefixes = {key.split(".")[0] for key in checkpoint[section]}
+        assert prefixes == {"student", "teacher"}
+    assert_bit_identical(interop.load_checkpoint(kd_path, template, prefix="teacher."), teacher)
+    student_template = {"params": student.params, "batch_stats": student.batch_stats}
+    assert_bit_identical(
+        interop.load_checkpoint(kd_path, student_template, prefix="student."),
+        student.ema_variables(),
+    )
