@@ -99,14 +99,14 @@ def _flatten_linen(variables: Mapping) -> Flat:
 
 
 def _flatten_nnx(state: nnx.State) -> Flat:
-    state = state.filter((nnx.Param, nnx.BatchStat))
-    items = _walk(state.to_pure_dict(), ())
+    state = nnx.filter_state(state, (nnx.Param, nnx.BatchStat))
+    items = _walk(nnx.to_pure_dict(state), ())
     leaves = [Leaf(path, path[:-1], value) for path, value in items]
     paths = [path for path, _ in items]
 
     def rebuild(values: list[Any]) -> nnx.State:
         new = jax.tree.map(lambda x: x, state)
-        new.replace_by_pure_dict(_nest(list(zip(paths, values, strict=True))))
+        nnx.replace_by_pure_dict(new, _nest(list(zip(paths, values, strict=True))))
         return new
 
     return Flat(leaves, rebuild, False)
