@@ -39,9 +39,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
         if not needed:
             raise ValueError(f"{path} is not a PyTorch checkpoint: {_first_line(e)}") from e
         names = ", ".join(needed)
+        dtypes = (
+            " plus the class of each numpy dtype it stores (numpy.dtypes.Float32DType, ...)"
+            if "numpy.dtype" in needed
+            else ""
+        )
         raise ValueError(
             f"{path} needs globals that safe loading refuses: {names}. If you trust this file, "
-            f"allow exactly those: `with torch.serialization.safe_globals([{names}]): ...`"
+            f"allow exactly those{dtypes}: `with torch.serialization.safe_globals([{names}]): ...`"
         ) from e
     except (RuntimeError, EOFError, KeyError, ValueError, UnicodeDecodeError) as e:
         raise ValueError(
@@ -55,6 +60,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _unsafe_globals(path: str, message: str) -> list[str]:
+    """All of them for zip files; the legacy format only tells the first refused one."""
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except (RuntimeError, ValueError):

@@ -1,0 +1,215 @@
+"""Checkpoint files: SG layout, sections, prefixes, safety, safetensors, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import jax
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from torch import nn as tnn
+
+import interop
+from tests.interop_models import LinenCNN, LinenMLP, TorchCNN, TorchMLP, randomized
+
+X_CNN = np.zeros((1, 8, 8, 3), np.float32)
+X_MLP = np.zeros((1, 4), np.float32)
+
+
+def _template(module, x):
+    return jax.eval_shape(module.init, jax.random.key(0), x)
+
+
+CNN_T = _template(LinenCNN(), X_CNN)
+MLP_T = _template(LinenMLP(), X_MLP)
+
+
+class TorchKD(tnn.Module):
+    """A KD module as SuperGradients saves it: ``student.*`` and ``teacher.*`` keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student, self.teacher = TorchMLP(), TorchCNN()
+
+
+def _same(flax_tree, state_dict, template_module) -> None:
+    back = interop.flax_to_torch(flax_tree, template_module)
+    assert all(torch.equal(back[k], v) for k, v in state_dict.items())
+
+
+@pytest.fixture
+def models():
+    return randomized(TorchMLP(), 1), randomized(TorchMLP(), 2)
+
+
+def test_auto_takes_ema_net_then_net(tmp_path, models) -> None:
+    net, ema = models
+    path = tmp_path / "ckpt.pth"
+    torch.save({"net": net.state_dict(), "ema_net": ema.state_dict(), "epoch": 3}, path)
+    _same(interop.load_checkpoint(path, MLP_T), ema.state_dict(), net)
+    _same(interop.load_checkpoint(path, MLP_T, which="net"), net.state_dict(), net)
+    torch.save({"net": net.state_dict(), "acc": 0.5}, path)
+    _same(interop.load_checkpoint(path, MLP_T), net.state_dict(), net)
+    with pytest.raises(ValueError, match=r"no 'ema_net'; its keys are \['acc', 'net'\]"):
+        interop.load_checkpoint(path, MLP_T, which="ema_net")
+    with pytest.raises(ValueError, match="which must be"):
+        interop.load_checkpoint(path, MLP_T, which="best")
+
+
+def test_bare_state_dict_and_module_prefix(tmp_path, models) -> None:
+    net, _ = models
+    path = tmp_path / "bare.pth"
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, path)
+    _same(interop.load_checkpoint(path, MLP_T), net.state_dict(), net)
+    with pytest.raises(ValueError, match="bare state_dict with no 'ema_net'"):
+        interop.load_checkpoint(path, MLP_T, which="ema_net")
+
+
+def test_save_then_load_round_trip_with_extras(tmp_path, models) -> None:
+    net, ema = models
+    net_vars = interop.torch_to_flax(net.state_dict(), MLP_T)
+    ema_vars = interop.torch_to_flax(ema.state_dict(), MLP_T)
+    path = tmp_path / "out.pth"
+    interop.save_checkpoint(
+        path, net=net_vars, ema_net=ema_vars, torch_template=net, epoch=7, acc=np.float32(0.25)
+    )
+    raw = torch.load(path, weights_only=True)
+    assert list(raw) == ["net", "ema_net", "epoch", "acc"]
+    assert raw["epoch"] == 7 and raw["acc"] == 0.25
+    fresh = TorchMLP()
+    fresh.load_state_dict(raw["ema_net"], strict=True)
+    _same(interop.load_checkpoint(path, MLP_T), ema.state_dict(), net)
+    assert not [p for p in os.listdir(tmp_path) if p != "out.pth"]
+
+
+def test_kd_checkpoint_save_and_prefix_load(tmp_path) -> None:
+    kd = randomized(TorchKD(), 5)
+    sd = kd.state_dict()
+    student = interop.torch_to_flax(sd, MLP_T, prefix="student.")
+    teacher = interop.torch_to_flax(sd, CNN_T, prefix="teacher.")
+    path = tmp_path / "kd.pth"
+    both = {"student": student, "teacher": teacher}
+    interop.save_checkpoint(path, net=both, ema_net=both, torch_template=kd)
+    TorchKD().load_state_dict(torch.load(path, weights_only=True)["ema_net"], strict=True)
+    loaded = interop.load_checkpoint(path, CNN_T, prefix="teacher.")
+    _same(loaded, kd.teacher.state_dict(), kd.teacher)
+    assert interop.load_checkpoint(path, both).keys() == {"student", "teacher"}
+    with pytest.raises(ValueError, match=r"prefix 'tutor\.'.*\['student\.', 'teacher\.'\]"):
+        interop.load_checkpoint(path, CNN_T, prefix="tutor.")
+
+
+class _RunsCode:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, models) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"net": models[0].state_dict(), "x": _RunsCode(str(marker))}, path)
+    with pytest.raises(ValueError, match=rf"{path} needs globals .*io\.open"):
+        interop.load_checkpoint(path, MLP_T)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_numpy_scalars_name_the_globals_and_how_to_allow_them(tmp_path, models, zipped) -> None:
+    path = tmp_path / "np.pth"
+    ckpt = {"net": models[0].state_dict(), "acc": np.float32(0.5)}
+    torch.save(ckpt, path, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(ValueError, match=r"numpy\._core\.multiarray\.scalar.*safe_globals") as e:
+        interop.load_checkpoint(path, MLP_T)
+    assert isinstance(e.value.__cause__, pickle.UnpicklingError)
+    assert ("numpy.dtype" in str(e.value)) == zipped  # legacy files name the first one only
+    allowed = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float32DType]
+    with torch.serialization.safe_globals(allowed):
+        _same(interop.load_checkpoint(path, MLP_T), models[0].state_dict(), models[0])
+
+
+def test_zip_files_are_memory_mapped(tmp_path, models, monkeypatch) -> None:
+    path = tmp_path / "ckpt.pth"
+    torch.save({"net": models[0].state_dict()}, path)
+    seen = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k) or load(*a, **k))
+    interop.load_checkpoint(path, MLP_T)
+    assert seen == [{"map_location": "cpu", "weights_only": True, "mmap": True}]
+
+
+def _write(path, content: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(content)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "not a readable PyTorch checkpoint"),
+        (b"hello, world", "not a readable PyTorch checkpoint"),
+        ("truncated", "not a readable PyTorch checkpoint"),
+        ("list", "holds a list, not a checkpoint dict"),
+        ("no-net", r"has no 'net' or 'ema_net' and is not a state_dict; keys: \['epoch'\]"),
+        (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", "not a readable safetensors file"),
+    ],
+)
+def test_bad_files_give_errors_naming_the_file(tmp_path, content, message) -> None:
+    path = tmp_path / "bad.pth"
+    if content == "truncated":
+        torch.save({"net": TorchMLP().state_dict()}, path)
+        _write(path, path.read_bytes()[:300])
+    elif content == "list":
+        torch.save([1, 2], path)
+    elif content == "no-net":
+        torch.save({"epoch": 1}, path)
+    else:
+        _write(path, content)
+    with pytest.raises(ValueError, match=message) as e:
+        interop.load_checkpoint(path, MLP_T)
+    assert str(path) in str(e.value)
+
+
+def test_missing_file_is_an_os_error_naming_it(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        interop.load_checkpoint(tmp_path / "nope.pth", MLP_T)
+
+
+def test_safetensors_save_and_load(tmp_path, models) -> None:
+    net, ema = models
+    path = tmp_path / "ckpt.safetensors"
+    net_vars = interop.torch_to_flax(net.state_dict(), MLP_T)
+    ema_vars = interop.torch_to_flax(ema.state_dict(), MLP_T)
+    interop.save_checkpoint(path, net=net_vars, ema_net=ema_vars, epoch=2)
+    flat = safetensors.torch.load_file(path)
+    assert sorted(flat) == sorted(
+        [f"net.{k}" for k in net.state_dict()] + [f"ema_net.{k}" for k in net.state_dict()]
+    )
+    _same(interop.load_checkpoint(path, MLP_T), ema.state_dict(), net)
+    _same(interop.load_checkpoint(path, MLP_T, which="net"), net.state_dict(), net)
+    bare = tmp_path / "bare.safetensors"
+    safetensors.torch.save_file(dict(net.state_dict()), bare)
+    _same(interop.load_checkpoint(bare, MLP_T), net.state_dict(), net)
+    with pytest.raises(TypeError, match="JSON"):
+        interop.save_checkpoint(path, net=net_vars, opt=object())
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path, models, monkeypatch) -> None:
+    path = tmp_path / "ckpt.pth"
+    net_vars = interop.torch_to_flax(models[0].state_dict(), MLP_T)
+    interop.save_checkpoint(path, net=net_vars, epoch=1)
+    before = path.read_bytes()
+
+    def half_then_fail(obj, f):
+        _write(f, b"PK\x03\x04half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        interop.save_checkpoint(path, net=net_vars, epoch=2)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.pth"]
