@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 
 import jema
+import jema.nnx
 from jema.train_state import TrainState
 
 IN, HIDDEN, CLASSES = 4, 8, 3
@@ -68,3 +69,19 @@ def linen_train_step(state: TrainState, x: jax.Array, y: jax.Array) -> TrainStat
 
     grads, updated = jax.grad(loss, has_aux=True)(state.params)
     return state.apply_gradients(grads=grads, batch_stats=updated["batch_stats"])
+
+
+def nnx_training(seed: int = 0, decay: float = 0.8) -> tuple[NnxNet, nnx.Optimizer]:
+    model = NnxNet(rngs=nnx.Rngs(seed))
+    tx = jema.with_ema(optax.sgd(0.2, momentum=0.9), decay=decay, decay_type="constant")
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    jema.nnx.attach_batch_stats(optimizer, model)
+    return model, optimizer
+
+
+@nnx.jit
+def nnx_train_step(model: NnxNet, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array) -> None:
+    def loss(model: NnxNet) -> jax.Array:
+        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    jema.nnx.update(optimizer, model, nnx.grad(loss)(model))

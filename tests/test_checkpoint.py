@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-import optax
 import pytest
 import torch
 from flax import nnx
@@ -13,7 +12,7 @@ import jema.nnx
 from jema.checkpoint import export_pth, restore, save
 from jema.kd import linen_kd_steps
 from jema.train_state import finalize
-from tests.flax_models import NnxNet, batches, linen_state, linen_train_step
+from tests.flax_models import batches, linen_state, linen_train_step, nnx_train_step, nnx_training
 
 N = 3
 
@@ -48,23 +47,6 @@ def test_linen_resume_is_bitwise_exact(tmp_path):
     assert_bit_identical(resumed, straight)  # params, batch_stats, step, optimizer state, EMA
     assert int(jema.ema_count(resumed.opt_state)) == 2 * N
     assert_bit_identical(resumed.ema_variables(), straight.ema_variables())
-
-
-def nnx_training(seed=0):
-    model = NnxNet(rngs=nnx.Rngs(seed))
-    optimizer = nnx.Optimizer(
-        model, jema.with_ema(optax.adam(0.05), decay=0.8, decay_type="constant"), wrt=nnx.Param
-    )
-    jema.nnx.attach_batch_stats(optimizer, model)
-    return model, optimizer
-
-
-@nnx.jit
-def nnx_train_step(model, optimizer, x, y):
-    def loss(model):
-        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
-
-    jema.nnx.update(optimizer, model, nnx.grad(loss)(model))
 
 
 def test_nnx_resume_is_bitwise_exact_and_restores_in_place(tmp_path):

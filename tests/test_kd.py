@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 import jema
 import jema.nnx
 from jema.kd import kd_logits_loss, linen_kd_steps, nnx_kd_steps
-from tests.flax_models import CLASSES, LinenNet, NnxNet, batches, linen_state
+from tests.flax_models import CLASSES, LinenNet, NnxNet, batches, linen_state, nnx_training
 
 SHAPE = (3, 5)  # one shape: each new shape would compile again
 logits_arrays = hnp.arrays(np.float32, SHAPE, elements=st.floats(-20, 20, width=32))
@@ -164,22 +164,13 @@ def test_linen_kd_step_with_dropout_rng_and_no_train_arg():
     assert int(jema.ema_count(new.opt_state)) == 1
 
 
-def nnx_student():
-    model = NnxNet(rngs=nnx.Rngs(0))
-    optimizer = nnx.Optimizer(
-        model, jema.with_ema(optax.sgd(0.3), decay=0.9, decay_type="constant"), wrt=nnx.Param
-    )
-    jema.nnx.attach_batch_stats(optimizer, model)
-    return model, optimizer
-
-
 def test_nnx_kd_step_freezes_teacher_and_evaluates_the_ema_student():
     teacher = NnxNet(hidden=16, rngs=nnx.Rngs(9))
     teacher.bn.mean[...] = jnp.linspace(-1.0, 1.0, 16)  # eval mode must use these
     teacher.train()  # the step must not rely on the caller's mode, nor change it
     before = snapshot(nnx.state(teacher))
-    model, optimizer = nnx_student()
-    fresh_model, fresh_optimizer = nnx_student()
+    model, optimizer = nnx_training(decay=0.9)
+    fresh_model, fresh_optimizer = nnx_training(decay=0.9)
     train_step, eval_step = nnx_kd_steps(distillation_loss_coeff=0.3)
     model.train()
     for x, y in batches(4):

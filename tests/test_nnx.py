@@ -9,7 +9,7 @@ from flax import nnx
 
 import jema
 import jema.nnx
-from tests.flax_models import NnxNet, batches
+from tests.flax_models import NnxNet, batches, nnx_train_step, nnx_training
 
 WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
 
@@ -18,27 +18,11 @@ def pure(model, which=WEIGHTS):
     return jax.tree.map(lambda x: np.array(x, copy=True), nnx.as_pure(nnx.state(model, which)))
 
 
-def make(decay=0.8):
-    model = NnxNet(rngs=nnx.Rngs(0))
-    tx = jema.with_ema(optax.sgd(0.2, momentum=0.9), decay=decay, decay_type="constant")
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    jema.nnx.attach_batch_stats(optimizer, model)
-    return model, optimizer
-
-
-@nnx.jit
-def train_step(model, optimizer, x, y):
-    def loss(model):
-        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
-
-    jema.nnx.update(optimizer, model, nnx.grad(loss)(model))
-
-
 def test_ema_of_params_and_batch_stats_matches_numpy_replay():
-    model, optimizer = make(decay=0.8)
+    model, optimizer = nnx_training(decay=0.8)
     ema = pure(model)
     for x, y in batches(5):
-        train_step(model, optimizer, x, y)
+        nnx_train_step(model, optimizer, x, y)
         ema = jax.tree.map(lambda e, w: e * 0.8 + 0.2 * w, ema, pure(model))
     with jema.nnx.ema_weights(model, optimizer):
         swapped = pure(model)
@@ -48,9 +32,9 @@ def test_ema_of_params_and_batch_stats_matches_numpy_replay():
 
 
 def test_ema_weights_swaps_in_and_restores_also_after_an_exception():
-    model, optimizer = make()
+    model, optimizer = nnx_training()
     for x, y in batches(2):
-        train_step(model, optimizer, x, y)
+        nnx_train_step(model, optimizer, x, y)
     raw = pure(model)
     x = batches(1, seed=2)[0][0]
     model.eval()
