@@ -1,5 +1,6 @@
 """jema: SuperGradients' exponential moving average of model weights, for JAX/Flax and optax."""
 
+from jema import checkpoint, kd, nnx
 from jema._decay import (
     EMA_DECAY_FUNCTIONS,
     ConstantDecay,
@@ -12,6 +13,7 @@ from jema._decay import (
 )
 from jema._state import attach_batch_stats, ema_batch_stats, ema_count, ema_params, find_ema_state
 from jema._transform import WeightEmaState, ema_transform, with_ema
+from jema.train_state import TrainState, finalize
 
 __all__ = [
     "EMA_DECAY_FUNCTIONS",
@@ -19,15 +21,20 @@ __all__ = [
     "ExpDecay",
     "IDecayFunction",
     "ThresholdDecay",
+    "TrainState",
     "WeightEmaState",
     "attach_batch_stats",
+    "checkpoint",
     "constant",
     "ema_batch_stats",
     "ema_count",
     "ema_params",
     "ema_transform",
     "exp",
+    "finalize",
     "find_ema_state",
+    "kd",
+    "nnx",
     "threshold",
     "with_ema",
 ]
