@@ -223,7 +223,8 @@ def torch_cases(sizes: Sequence[int], threads: int) -> list[Case]:
       missing.
 
     Example:
-      >>> cases = torch_cases([4], threads=1)  # doctest: +SKIP
+      >>> len(torch_cases([4], threads=2))
+      3
     """
     try:
         import torch
@@ -305,7 +306,7 @@ def measure(params: int, leaves: int, repeats: int) -> list[Row]:
       The table's rows, in order (a), (b), (c) adam, (c) adam + EMA, then the torch rows.
 
     Example:
-      >>> [r.name[:3] for r in measure(64, 2, repeats=1)][:4]  # doctest: +SKIP
+      >>> [r.name[:3] for r in measure(64, 2, repeats=1)][:4]
       ['(a)', '(b)', '(c)', '(c)']
     """
     sizes = leaf_sizes(params, leaves)
@@ -394,7 +395,10 @@ def run(repeats: int = 20, params: int = 25_000_000, leaves: int = 100) -> list[
       The table's rows.
 
     Example:
-      >>> rows = run(repeats=3, params=1000, leaves=4)  # doctest: +SKIP
+      >>> rows = run(repeats=1, params=1000, leaves=4)  # doctest: +ELLIPSIS
+      jema bench: 1,000 float32 params in 4 leaves, median of 1 runs; ...
+      >>> len(rows)
+      7
     """
     print(
         f"jema bench: {params:,} float32 params in {leaves} leaves, median of {repeats} runs; "
@@ -420,7 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       The exit status (0).
 
     Example:
-      >>> main(["--repeats", "3", "--params", "1000", "--leaves", "4"])  # doctest: +SKIP
+      >>> main(["--repeats", "1", "--params", "1000", "--leaves", "4"])  # doctest: +ELLIPSIS
+      jema bench: ...
       0
     """
     description = __doc__.splitlines()[0]
