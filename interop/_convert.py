@@ -38,7 +38,8 @@ def torch_to_flax(
       prefix: keep only keys starting with it (e.g. ``"teacher."``), without it.
       rename: ``{regex: replacement}`` rules turning PyTorch names into the Flax side's default
         names, tried after exact (normalised) names.
-      match_by_order: pair what is left in order (linen only), shapes checked.
+      match_by_order: pair what is left in order, shapes checked. Only for linen variables
+        straight from an eager ``init`` (``jax.eval_shape`` and ``jit`` sort dict keys).
       strict: raise on any mismatch; else return ``Converted(value, report)``, leaves that were
         not filled keeping the template's value.
       cast: convert dtypes that differ from the template's instead of reporting them.
@@ -105,7 +106,7 @@ def flax_to_torch(
         (``{"student": ..., "teacher": ...}`` gives ``student.*`` and ``teacher.*`` keys).
       torch_template: an ``nn.Module`` or its state_dict.
       rename: ``{regex: replacement}`` rules turning template names into default names.
-      match_by_order: pair what is left in order (linen only), shapes checked.
+      match_by_order: pair what is left in order (linen variables from an eager ``init``).
       strict: raise on any mismatch; else return ``Converted(state_dict, report)``, template
         keys that were not filled keeping the template's values.
       cast: convert to the template's dtypes instead of reporting differences.

@@ -37,7 +37,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     except pickle.UnpicklingError as e:
         needed = _unsafe_globals(path, str(e))
         if not needed:
-            raise ValueError(f"{path} is not a PyTorch checkpoint: {_first_line(e)}") from e
+            raise _unreadable(path, "not written by torch.save") from e
         names = ", ".join(needed)
         dtypes = (
             " plus the class of each numpy dtype it stores (numpy.dtypes.Float32DType, ...)"
@@ -49,14 +49,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
             f"allow exactly those{dtypes}: `with torch.serialization.safe_globals([{names}]): ...`"
         ) from e
     except (RuntimeError, EOFError, KeyError, ValueError, UnicodeDecodeError) as e:
-        raise ValueError(
-            f"{path} is not a readable PyTorch checkpoint (truncated, or not written by "
-            f"torch.save): {_first_line(e)}"
-        ) from e
+        reason = str(e).strip().split("\n", 1)[0][:200] or type(e).__name__
+        raise _unreadable(path, f"truncated, or not written by torch.save: {reason}") from e
 
 
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().split("\n", 1)[0][:200] or type(error).__name__
+def _unreadable(path: str, reason: str) -> ValueError:
+    return ValueError(f"{path} is not a readable PyTorch checkpoint ({reason})")
 
 
 def _unsafe_globals(path: str, message: str) -> list[str]:

@@ -29,7 +29,8 @@ def units(leaves: Sequence[Leaf]) -> list[Unit]:
     by_module: dict[Path, list[Leaf]] = {}
     for leaf in leaves:
         by_module.setdefault(leaf.module, []).append(leaf)
-    position = {id(leaf): i for i, leaf in enumerate(leaves)}
+    ordered = [leaf for group in by_module.values() for leaf in group]
+    position = {id(leaf): i for i, leaf in enumerate(ordered)}
     taken: dict[int, Unit | None] = {}
     for parent in dict.fromkeys(m[:-1] for m in by_module if m):
         for layout in MODULES:
@@ -39,7 +40,7 @@ def units(leaves: Sequence[Leaf]) -> list[Unit]:
                 unit = _unit(layout, parent, found)
                 taken.update({id(leaf): unit if leaf is first else None for leaf in found})
     out = []
-    for leaf in leaves:
+    for leaf in ordered:
         if id(leaf) not in taken:
             out.append(_unit(for_leaf(leaf.name), leaf.module, (leaf,)))
         elif (unit := taken[id(leaf)]) is not None:

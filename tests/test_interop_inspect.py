@@ -1,0 +1,61 @@
+"""``interop.inspect_checkpoint`` and the ``jema inspect`` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+import interop
+from jema.cli import main
+from tests.interop_models import TorchMLP, randomized
+
+COMMAND = [sys.executable, "-m", "jema.cli", "inspect"]
+
+
+def test_inspect_reports_sections_counts_dtypes_and_distances(tmp_path) -> None:
+    net, ema = randomized(TorchMLP(), 1), randomized(TorchMLP(), 1)
+    with torch.no_grad():
+        ema.layers[2].weight.mul_(1.5)
+    path = tmp_path / "ckpt.pth"
+    sd16 = {k: v.to(torch.bfloat16) for k, v in net.state_dict().items()}
+    torch.save(
+        {"net": net.state_dict(), "ema_net": ema.state_dict(), "epoch": 4, "opt": sd16}, path
+    )
+    text = interop.inspect_checkpoint(path)
+    lines = text.splitlines()
+    count = sum(p.numel() for p in net.parameters())
+    assert lines[1] == f"net: 6 tensors, {count:,} parameters, dtypes float32 x6"
+    assert lines[2].startswith("ema_net: 6 tensors")
+    assert "epoch: 4" in lines and "opt: dict with 6 keys" in lines
+    start = next(i for i, line in enumerate(lines) if line.startswith("relative"))
+    distances = dict(line.split() for line in lines[start + 1 :])
+    assert float(distances["layers.0"]) == 0.0 and float(distances["layers.1"]) == 0.0
+    w, b = net.layers[2].weight, net.layers[2].bias
+    expected = 0.5 * w.norm() / torch.sqrt(w.norm() ** 2 + b.norm() ** 2)
+    assert abs(float(distances["layers.2"]) - expected.item()) < 1e-3
+
+
+def test_command_line_prints_the_report(tmp_path) -> None:
+    path = tmp_path / "sd.pth"
+    torch.save(TorchMLP().state_dict(), path)
+    done = subprocess.run([*COMMAND, str(path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "state_dict: 6 tensors" in done.stdout
+
+
+def test_command_line_refuses_unsafe_and_broken_files(tmp_path, capsys) -> None:
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"net": {}, "v": torch.torch_version.TorchVersion("2.0")}, unsafe)
+    done = subprocess.run([*COMMAND, str(unsafe)], capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and "torch.torch_version.TorchVersion" in done.stderr
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"garbage")
+    for path, message in (
+        (broken, "not a readable PyTorch checkpoint"),
+        (tmp_path / "missing.pth", "No such file"),
+    ):
+        assert main(["inspect", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and str(path) in err

@@ -1,0 +1,190 @@
+"""Matching and reporting: rename rules, order-based matching, collected errors, dtypes."""
+
+from __future__ import annotations
+
+import copy
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from torch import nn as tnn
+
+import interop
+from tests.interop_models import LinenMLP, NnxMLP, TorchCNN, TorchMLP, randomized
+
+X_MLP = jnp.zeros((1, 4))
+MLP_T = jax.eval_shape(LinenMLP().init, jax.random.key(0), X_MLP)
+
+
+_normal = nn.initializers.normal()
+
+
+class AutoNamedCNN(nn.Module):
+    """TorchCNN's twin with linen's automatic names (Conv_0, BatchNorm_0, ...)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for features, stride in ((8, 1), (16, 2)):
+            conv = nn.Conv(features, (3, 3), stride, ((1, 1), (1, 1)), kernel_init=_normal)
+            x = conv(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=True, momentum=0.9, epsilon=1e-5)(x))
+        return nn.Dense(10, kernel_init=_normal)(x.mean((1, 2)))
+
+
+def test_match_by_order_loads_auto_named_linen() -> None:
+    model = randomized(TorchCNN())
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8), np.float32)
+    # Eager init keeps linen's first-call order; jax.eval_shape and jit return sorted keys.
+    template = AutoNamedCNN().init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    with pytest.raises(ValueError, match="14 missing"):
+        interop.torch_to_flax(model.state_dict(), template)
+    variables = interop.torch_to_flax(model.state_dict(), template, match_by_order=True)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    actual = AutoNamedCNN().apply(variables, jnp.asarray(np.moveaxis(x, 1, -1)))
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
+    back = interop.flax_to_torch(variables, model, match_by_order=True)
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+
+def test_match_by_order_checks_shapes_and_refuses_nnx() -> None:
+    sd = TorchMLP().state_dict()
+    swapped = dict(reversed(list(sd.items())))
+    with pytest.raises(ValueError, match="shapes"):
+        interop.torch_to_flax(
+            {f"x{i}": v for i, v in enumerate(swapped.values())}, MLP_T, match_by_order=True
+        )
+    with pytest.raises(ValueError, match="needs linen variables"):
+        interop.torch_to_flax(sd, nnx.eval_shape(lambda: NnxMLP(nnx.Rngs(0))), match_by_order=True)
+
+
+def test_rename_rules_apply_after_exact_names() -> None:
+    model = randomized(TorchMLP())
+    renamed = {k.replace("layers.", "backbone.blocks."): v for k, v in model.state_dict().items()}
+    rules = {r"^backbone\.blocks\.": "layers."}
+    variables = interop.torch_to_flax(renamed, MLP_T, rename=rules)
+    back = interop.flax_to_torch(variables, renamed, rename=list(rules.items()))
+    assert all(torch.equal(back[k], v) for k, v in renamed.items())
+    with pytest.raises(ValueError, match="not a valid regex"):
+        interop.torch_to_flax(renamed, MLP_T, rename={"(": "x"})
+    with pytest.raises(TypeError, match="rename must be"):
+        interop.torch_to_flax(renamed, MLP_T, rename=["abc"])
+
+
+def test_every_problem_is_reported_at_once_sorted() -> None:
+    sd = dict(randomized(TorchMLP()).state_dict())
+    del sd["layers.0.bias"], sd["layers.2.weight"]
+    sd["layers.1.weight"] = torch.zeros(5, 5)
+    sd["layers.1.bias"] = sd["layers.1.bias"].double()
+    sd["extra.b"], sd["extra.a"] = torch.zeros(1), torch.zeros(1)
+    before = copy.deepcopy(sd)
+    with pytest.raises(ValueError) as e:
+        interop.torch_to_flax(sd, MLP_T)
+    message = str(e.value)
+    for expected in (
+        "2 missing:\n  params/layers_0/bias (needs layers.0.bias)\n  params/layers_2/kernel",
+        "2 unexpected:\n  extra.a\n  extra.b",
+        "1 shapes:\n  layers.1.weight: (5, 5) in the state_dict, (16, 16)",
+        "1 dtypes:\n  params/layers_1/bias: float64 in the state_dict, float32 in the template",
+    ):
+        assert expected in message
+    assert all(torch.equal(before[k], v) for k, v in sd.items()) and list(before) == list(sd)
+
+
+def test_non_strict_returns_value_and_report() -> None:
+    sd = dict(randomized(TorchMLP()).state_dict())
+    del sd["layers.0.bias"]
+    concrete = LinenMLP().init(jax.random.key(0), X_MLP)
+    result = interop.torch_to_flax(sd, concrete, strict=False)
+    assert isinstance(result, interop.Converted)
+    assert result.report.missing == ("params/layers_0/bias (needs layers.0.bias)",)
+    assert not result.report.ok
+    assert result.value["params"]["layers_0"]["bias"] is concrete["params"]["layers_0"]["bias"]
+    kernel = result.value["params"]["layers_0"]["kernel"]
+    np.testing.assert_array_equal(kernel, sd["layers.0.weight"].numpy().T)
+    ok = interop.flax_to_torch(result.value, strict=False)
+    assert ok.report.ok and str(ok.report) == "all keys matched"
+
+
+def test_flax_to_torch_reports_against_the_template() -> None:
+    params = jax.tree.map(np.asarray, LinenMLP().init(jax.random.key(0), X_MLP))
+    del params["params"]["layers_2"]
+    params["params"]["head"] = {"kernel": np.zeros((16, 3), np.float32)}
+    with pytest.raises(ValueError) as e:
+        interop.flax_to_torch(params, TorchMLP())
+    assert "2 missing:\n  layers.2.bias\n  layers.2.weight" in str(e.value)
+    assert "1 unexpected:\n  params/head/kernel" in str(e.value)
+    result = interop.flax_to_torch(params, TorchMLP().double(), strict=False)
+    assert len(result.report.dtypes) == 4 and list(result.value) == list(TorchMLP().state_dict())
+    cast = interop.flax_to_torch(
+        result.value and params, TorchMLP().double(), strict=False, cast=True
+    )
+    assert cast.report.dtypes == () and cast.value["layers.0.weight"].dtype == torch.float64
+
+
+def test_float64_and_float16_round_trips_are_bit_exact() -> None:
+    for dtype, np_dtype in ((torch.float64, np.float64), (torch.float16, np.float16)):
+        model = randomized(TorchMLP()).to(dtype)
+        template = jax.tree.map(lambda s, d=np_dtype: np.zeros(s.shape, d), MLP_T)
+        variables = interop.torch_to_flax(model.state_dict(), template)
+        leaf = variables["params"]["layers_0"]["kernel"]
+        assert leaf.dtype == np_dtype  # float64 stays numpy while JAX's x64 is off
+        back = interop.flax_to_torch(variables, model)
+        assert all(
+            torch.equal(back[k], v) and back[k].dtype == dtype
+            for k, v in model.state_dict().items()
+        )
+    with pytest.raises(ValueError, match="pass cast=True"):
+        interop.torch_to_flax(model.state_dict(), MLP_T)
+    cast = interop.torch_to_flax(model.state_dict(), MLP_T, cast=True)
+    assert cast["params"]["layers_0"]["kernel"].dtype == jnp.float32
+
+
+def test_int64_buffers_survive_through_the_template() -> None:
+    model = randomized(TorchCNN())
+    bn = model.bn1
+    bn.num_batches_tracked.fill_(2**40 + 3)
+    template = interop.torch_to_flax(model.state_dict(), nnx.eval_shape(lambda: _nnx_cnn()))
+    back = interop.flax_to_torch(template, model)
+    assert back["bn1.num_batches_tracked"].dtype == torch.int64
+    assert back["bn1.num_batches_tracked"].item() == 2**40 + 3
+    default = interop.flax_to_torch(template)
+    assert default["bn1.num_batches_tracked"].item() == 0
+
+
+def _nnx_cnn():
+    from tests.interop_models import NnxCNN
+
+    return NnxCNN(nnx.Rngs(0))
+
+
+def test_bad_inputs_are_type_errors() -> None:
+    with pytest.raises(TypeError, match="expected linen variables"):
+        interop.torch_to_flax(TorchMLP().state_dict(), [1, 2])
+    with pytest.raises(TypeError, match="values must be tensors"):
+        interop.torch_to_flax({"a": 1}, MLP_T)
+    with pytest.raises(TypeError, match="torch_template must be"):
+        interop.flax_to_torch(MLP_T, torch_template=3)
+    with pytest.raises(
+        ValueError, match="1 dtypes:\n  a: unsupported tensor dtype torch.complex64"
+    ):
+        interop.torch_to_flax(
+            {"a": torch.zeros(1, dtype=torch.complex64)}, {"params": {"a": np.zeros(1)}}
+        )
+
+
+def test_unknown_leaves_keep_their_names() -> None:
+    class WithToken(tnn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cls_token = tnn.Parameter(torch.randn(1, 4))
+
+    model = WithToken()
+    variables = interop.torch_to_flax(
+        model.state_dict(), {"params": {"cls_token": np.zeros((1, 4), np.float32)}}
+    )
+    assert torch.equal(interop.flax_to_torch(variables, model)["cls_token"], model.cls_token.data)
