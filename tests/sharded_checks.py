@@ -1,31 +1,27 @@
 """Facts about the EMA on a mesh of 8 CPU devices, printed as one JSON line for test_sharding.
 
 Run as ``python tests/sharded_checks.py`` in a fresh process: it forces 8 host devices before
-jax is imported. Every fact is computed here and asserted in ``tests/test_sharding.py``.
+the CPU backend starts (importing this module, e.g. for doctests, changes nothing). Every fact
+is computed here and asserted in ``tests/test_sharding.py``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import sys
+from typing import Any
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import json  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-from typing import Any  # noqa: E402
-
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import AxisType, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import jema  # noqa: E402
+import jema
 
 COLLECTIVE = re.compile(
     r"\s(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all"
@@ -263,4 +259,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # Read when the CPU backend starts, i.e. at the first jax call in main(), not at import.
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     main()
