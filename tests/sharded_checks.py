@@ -174,7 +174,7 @@ def train_facts(s: dict[str, Any]) -> dict[str, Any]:
     """A real jitted train step of the BatchNorm MLP: EMA shardings, collectives vs adam alone."""
     model, variables = s["model"], s["variables"]
 
-    def compiled_step(tx: Any, ema: bool) -> tuple[Any, Any]:
+    def compiled_step(tx: Any, ema: bool, pin: bool = False) -> tuple[Any, Any]:
         def step(params: Any, stats: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> Any:
             def loss_fn(params: Any) -> Any:
                 logits, new = model.apply(
@@ -195,30 +195,39 @@ def train_facts(s: dict[str, Any]) -> dict[str, Any]:
             return params, stats, opt_state
 
         params, stats = variables["params"], variables["batch_stats"]
-        init = (lambda p: jema.attach_batch_stats(tx.init(p), stats)) if ema else tx.init
+        init = (lambda p, st: jema.attach_batch_stats(tx.init(p), st)) if ema else tx.init
         state = (
             jax.tree.map(jnp.copy, params),
             jax.tree.map(jnp.copy, stats),
-            jax.jit(init)(params),
+            jax.jit(init)(params, stats) if ema else jax.jit(init)(params),
         )
-        jitted = jax.jit(step, donate_argnums=(0, 1, 2))
+        # Pinned: every output keeps the sharding it came in with (the README's advice for
+        # Auto axes, where XLA otherwise picks the sharding of unconstrained outputs).
+        out_shardings = jax.tree.map(lambda x: x.sharding, state) if pin else None
+        jitted = jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=out_shardings)
         return jitted.lower(*state, s["x"], s["y"]).compile(), (jitted, state)
+
+    def run_steps(jitted: Any, state: Any) -> tuple[list[list[str]], Any]:
+        steps = []
+        for _ in range(3):
+            # jitted, not compiled: with Auto axes adam's jitted init leaves mu and nu
+            # replicated (zeros are not propagated from the params); the first step shards them.
+            state = jitted(*state, s["x"], s["y"])
+            ema = {
+                "params": jema.ema_params(state[2]),
+                "batch_stats": jema.ema_batch_stats(state[2]),
+            }
+            raw = {"params": state[0], "batch_stats": state[1]}
+            steps.append(sharding_mismatches(ema, jax.tree.map(lambda x: x.sharding, raw)))
+        return steps, state
 
     compiled, (jitted, state) = compiled_step(jema.with_ema(optax.adam(1e-2)), True)
     plain_compiled, _ = compiled_step(optax.adam(1e-2), False)
-    steps = []
-    for _ in range(3):
-        # jitted, not compiled: with Auto axes adam's jitted init leaves mu and nu replicated
-        # (zeros are not propagated from the params) and the first step shards them.
-        state = jitted(*state, s["x"], s["y"])
-        ema = {
-            "params": jema.ema_params(state[2]),
-            "batch_stats": jema.ema_batch_stats(state[2]),
-        }
-        raw = {"params": state[0], "batch_stats": state[1]}
-        steps.append(sharding_mismatches(ema, jax.tree.map(lambda x: x.sharding, raw)))
+    steps, state = run_steps(jitted, state)
+    pinned_steps, _ = run_steps(*compiled_step(jema.with_ema(optax.adam(1e-2)), True, pin=True)[1])
     return {
         "steps": steps,
+        "pinned_steps": pinned_steps,
         "count": int(jema.ema_count(state[2])),
         "collectives": _counts(compiled),
         "plain_collectives": _counts(plain_compiled),
