@@ -105,7 +105,8 @@ def run(config: DemoConfig) -> dict[str, Any]:
     else:
         state, history = _train(_new_state(16, tx, config.seed), _plain_step, data, config, "cnn")
     summary["history"] = history
-    summary["files"] = _write_outputs(state, teacher, history, config)
+    teacher_accuracy = summary.get("teacher_accuracy")
+    summary["files"] = _write_outputs(state, teacher, teacher_accuracy, history, config)
     summary["torch_agrees"] = _check_torch_twin(summary["files"].get("pth"), state, data[2], config)
     return summary
 
@@ -172,7 +173,11 @@ def _logits(apply_fn: Callable, variables: Any, x: np.ndarray) -> np.ndarray:
 
 
 def _write_outputs(
-    state: TrainState, teacher: Any, history: History, config: DemoConfig
+    state: TrainState,
+    teacher: Any,
+    teacher_accuracy: float | None,
+    history: History,
+    config: DemoConfig,
 ) -> dict[str, str]:
     name = "digits_kd" if config.kd else "digits_cnn"
     files = {
@@ -180,7 +185,7 @@ def _write_outputs(
         "orbax": os.path.abspath(os.path.join(config.out, f"{name}_orbax")),
         "pth": os.path.join(config.out, f"{name}.pth"),
     }
-    _plot(history, files["plot"], config)
+    _plot(history, teacher_accuracy, files["plot"], config)
     checkpoint.save(files["orbax"], int(state.step), state)
     try:
         from jema._demo_torch import TorchDigitsCNN, TorchKD
@@ -199,14 +204,12 @@ def _write_outputs(
     return files
 
 
-def _plot(history: History, path: str, config: DemoConfig) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+def _plot(history: History, teacher_accuracy: float | None, path: str, config: DemoConfig) -> None:
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
 
     epochs = np.arange(1, len(history.raw) + 1)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(epochs, 100 * np.array(history.raw), "o-", label="raw weights")
     ax.plot(
         epochs,
@@ -214,11 +217,13 @@ def _plot(history: History, path: str, config: DemoConfig) -> None:
         "s-",
         label=f"EMA ({config.decay_type}, {config.decay})",
     )
-    ax.set(xlabel="epoch", ylabel="validation accuracy [%]", title="jema demo: digits CNN")
+    if teacher_accuracy is not None:
+        ax.axhline(100 * teacher_accuracy, color="k", ls="--", label="teacher (EMA)")
+    title = "jema demo: KD student (width 8)" if config.kd else "jema demo: digits CNN"
+    ax.set(xlabel="epoch", ylabel="validation accuracy [%]", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def _check_torch_twin(
