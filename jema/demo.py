@@ -221,6 +221,7 @@ def _plot(history: History, teacher_accuracy: float | None, path: str, config: D
         ax.axhline(100 * teacher_accuracy, color="k", ls="--", label="teacher (EMA)")
     title = "jema demo: KD student (width 8)" if config.kd else "jema demo: digits CNN"
     ax.set(xlabel="epoch", ylabel="validation accuracy [%]", title=title)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
