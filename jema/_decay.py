@@ -95,6 +95,9 @@ class IDecayFunction:
       ...     def __call__(self, decay, step, total_steps):
       ...         return decay * step / total_steps
       >>> EMA_DECAY_FUNCTIONS["linear"] = LinearDecay
+      >>> float(LinearDecay()(0.9, 5, 10))
+      0.45
+      >>> del EMA_DECAY_FUNCTIONS["linear"]
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -112,12 +115,35 @@ class IDecayFunction:
 
         SuperGradients forms ``1 - d`` in float64; in float32, ``1 - d`` loses digits when ``d``
         is near 1 (0.999 -> 1.3e-5 relative error), so the built-in schedules override this.
+
+        Args:
+          decay: the maximum decay.
+          step: the 1-based optimizer step (may be traced).
+          total_steps: the length of training, or None.
+
+        Returns:
+          ``1 - d`` as a float scalar (or an array shaped like ``step``).
+
+        Example:
+          >>> float(ThresholdDecay().complement(0.9999, 1, None)) == float(jnp.float32(9 / 11))
+          True
         """
         return 1 - jnp.asarray(self(decay, step, total_steps))
 
 
-class ConstantDecay(IDecayFunction):
-    """``decay_type="constant"``: see :func:`jema.constant`."""
+class _IgnoresBeta(IDecayFunction):
+    """A schedule without options that still accepts SG's ``beta`` key, as SG's classes do.
+
+    SuperGradients' recipes carry ``beta`` in ``ema_params`` whatever the decay_type, and its
+    ``constant``/``threshold`` classes ignore it; any other option is an error here.
+    """
+
+    def __init__(self, beta: float | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+
+
+class ConstantDecay(_IgnoresBeta):
+    """``decay_type="constant"``: see :func:`jema.constant` (accepts and ignores ``beta``)."""
 
     def __call__(self, decay, step, total_steps):
         return constant(decay, step, total_steps)
@@ -126,8 +152,8 @@ class ConstantDecay(IDecayFunction):
         return jnp.broadcast_to(_one_minus(decay, _float_dtype()), jnp.shape(step))
 
 
-class ThresholdDecay(IDecayFunction):
-    """``decay_type="threshold"``: see :func:`jema.threshold`."""
+class ThresholdDecay(_IgnoresBeta):
+    """``decay_type="threshold"``: see :func:`jema.threshold` (accepts and ignores ``beta``)."""
 
     def __call__(self, decay, step, total_steps):
         return threshold(decay, step, total_steps)

@@ -113,7 +113,18 @@ def _check_decay(decay: Any) -> None:
         return
     value = _as_real(decay)
     if value is None or not 0.0 < value < 1.0:
-        raise ValueError(f"decay must be a number strictly inside (0, 1); got {decay!r}")
+        hint = _low_precision_hint(decay)
+        raise ValueError(f"decay must be a number strictly inside (0, 1); got {decay!r}{hint}")
+
+
+def _low_precision_hint(x: Any) -> str:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits > 16:
+        return ""
+    return (
+        f". A {jnp.dtype(dtype).name} decay comes from optax.inject_hyperparams, which casts "
+        "hyperparameters to the params' dtype: pass hyperparam_dtype=jnp.float32 to it."
+    )
 
 
 def _check_total_steps(total_steps: Any) -> None:
@@ -132,7 +143,10 @@ def _as_real(x: Any) -> float | None:
     """``x`` as a float when it is a real number or a real scalar array, else None."""
     if isinstance(x, bool) or not isinstance(x, (numbers.Real, np.ndarray, jax.Array)):
         return None
-    if np.ndim(x) != 0 or not np.issubdtype(np.asarray(x).dtype, np.number):
+    if np.ndim(x) != 0:
+        return None
+    dtype = np.asarray(x).dtype
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
         return None
     return float(x)
 

@@ -105,7 +105,8 @@ def attach_batch_stats(opt_state: Any, batch_stats: Any) -> Any:
     """Give the EMA its initial BatchNorm statistics (their values when the EMA is created).
 
     Afterwards ``tx.update(..., batch_stats=new_stats)`` averages them with the same decay
-    as the weights, as SuperGradients averages running_mean/var inside ``ema_net``.
+    as the weights, as SuperGradients averages running_mean/var inside ``ema_net``. Floating
+    statistics are kept in at least the EMA's dtype (float32 for a float32 EMA of bf16 params).
 
     Args:
       opt_state: the state from ``tx.init(params)``; not modified.
@@ -128,13 +129,30 @@ def attach_batch_stats(opt_state: Any, batch_stats: Any) -> Any:
         raise ValueError(
             "batch_stats is None; pass the model's statistics, e.g. variables['batch_stats']"
         )
-    find_ema_state(opt_state)
-    copied = jax.tree.map(lambda x: jnp.array(x, copy=True), _unwrap_variables(batch_stats))
+    wider = _shared_float_dtype(find_ema_state(opt_state).ema)
+    copied = jax.tree.map(lambda x: _copy_at_least(x, wider), _unwrap_variables(batch_stats))
     return jax.tree.map(
         lambda node: node._replace(batch_stats=copied) if _is_ema_state(node) else node,
         opt_state,
         is_leaf=_is_ema_state,
     )
+
+
+def _shared_float_dtype(ema: Any) -> jnp.dtype | None:
+    """The one floating dtype of the EMA's leaves, or None when there is none or several."""
+    dtypes = {
+        jnp.dtype(leaf.dtype)
+        for leaf in jax.tree.leaves(_unwrap_variables(ema))
+        if jnp.issubdtype(leaf.dtype, jnp.floating)
+    }
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _copy_at_least(x: Any, dtype: jnp.dtype | None) -> jax.Array:
+    x = jnp.asarray(x)
+    if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.array(x, dtype=jnp.promote_types(x.dtype, dtype), copy=True)
+    return jnp.array(x, copy=True)
 
 
 def _is_ema_state(node: Any) -> bool:

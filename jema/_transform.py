@@ -10,8 +10,9 @@ import numpy as np
 import optax
 from optax._src.base import NO_PARAMS_MSG
 
-from jema._average import all_finite, average_tree, check_same_structure
+from jema._average import average_tree
 from jema._schedule import resolve_decay_fn
+from jema._tree_checks import all_finite, check_same_structure
 
 
 class WeightEmaState(NamedTuple):
@@ -130,7 +131,7 @@ def ema_transform(
         else:
             due = count % every_k_steps == 0
             if skip_nonfinite:
-                finite = all_finite(params, updates, batch_stats)
+                finite = all_finite(optax.apply_updates(params, updates), batch_stats)
                 due = jnp.logical_and(due, finite)
                 count = jnp.where(finite, count, state.count)
             ema, stats = jax.lax.cond(due, average, lambda _: (state.ema, state.batch_stats), None)
@@ -165,6 +166,11 @@ def _check_ema_dtype(ema_dtype: Any) -> jnp.dtype | None:
     if ema_dtype is None:
         return None
     message = f"ema_dtype must be a floating dtype such as jnp.float32; got {ema_dtype!r}"
+    if isinstance(ema_dtype, (jax.Array, np.ndarray)):
+        raise TypeError(
+            f"{message}. Under optax.inject_hyperparams, dtypes are called as schedules: pass "
+            "static_args='ema_dtype' to it."
+        )
     try:
         dtype = jnp.dtype(ema_dtype)
     except TypeError as e:

@@ -27,7 +27,7 @@ def save(directory: Directory, step: int, state: Any) -> None:
         ``nnx.Optimizer`` or a tuple of them, e.g. ``(model, optimizer)``.
 
     Raises:
-      ValueError: when ``step`` is already saved there (orbax's error).
+      ValueError: when ``step`` is already saved there (nothing is written).
 
     Example:
       >>> import tempfile, jax.numpy as jnp, optax, jema
@@ -37,6 +37,11 @@ def save(directory: Directory, step: int, state: Any) -> None:
       >>> save(tempfile.mkdtemp(), 0, state)
     """
     with _manager(directory) as manager:
+        if step in manager.all_steps():
+            raise ValueError(
+                f"checkpoint step {step} already exists in {manager.directory}; orbax would "
+                "skip it silently. Save under a new step, or delete that step first."
+            )
         manager.save(step, args=ocp.args.StandardSave(_tree(state)))
 
 

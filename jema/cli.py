@@ -69,6 +69,9 @@ def _demo(args: argparse.Namespace) -> int:
     )
     try:
         summary = run(config)
+    except ImportError as e:
+        print(f"jema demo needs its extras: pip install 'jema[demo]' ({e})", file=sys.stderr)
+        return 2
     except (ValueError, TypeError) as e:
         print(f"jema demo: {e}", file=sys.stderr)
         return 2

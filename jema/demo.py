@@ -9,6 +9,7 @@ from a teacher (whose EMA weights it uses, as SG does) instead.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,6 +187,8 @@ def _write_outputs(
         "pth": os.path.join(config.out, f"{name}.pth"),
     }
     _plot(history, teacher_accuracy, files["plot"], config)
+    if os.path.isdir(files["orbax"]):  # the previous run's output: this run replaces it
+        shutil.rmtree(files["orbax"])
     checkpoint.save(files["orbax"], int(state.step), state)
     try:
         from jema._demo_torch import TorchDigitsCNN, TorchKD

@@ -22,22 +22,34 @@ from jema.train_state import TrainState
 LossParts = dict[str, jax.Array]
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy with integer labels (PyTorch's ``CrossEntropyLoss()``).
+IGNORE_INDEX = -100
+
+
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, *, ignore_index: int = IGNORE_INDEX
+) -> jax.Array:
+    """Mean softmax cross-entropy with integer labels, as PyTorch's ``CrossEntropyLoss()``.
+
+    Labels equal to ``ignore_index`` (PyTorch's default -100) count neither in the sum nor in
+    the mean; with every label ignored the result is NaN, as in PyTorch.
 
     Args:
-      logits: ``(batch, ..., classes)``.
+      logits: ``(batch, ..., classes)``, classes on the last axis.
       labels: integer class indices, ``(batch, ...)``.
+      ignore_index: the label value to leave out.
 
     Returns:
       A float scalar.
 
     Example:
       >>> import jax.numpy as jnp
-      >>> round(float(cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))), 4)  # log 4
+      >>> round(float(cross_entropy(jnp.zeros((3, 4)), jnp.array([0, -100, 3]))), 4)  # log 4
       1.3863
     """
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    keep = labels != ignore_index
+    safe_labels = jnp.where(keep, labels, 0)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
+    return jnp.sum(jnp.where(keep, losses, 0.0)) / jnp.sum(keep)
 
 
 def kd_logits_loss(

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
 from jema._state import attach_batch_stats, ema_batch_stats, ema_params, find_ema_state
+from jema._swap import cast_like, fill_masked
 
 
 class TrainState(train_state.TrainState):
@@ -172,35 +171,4 @@ def finalize(state: TrainState) -> TrainState:
     return state.replace(
         params=cast_like(state.params, ema["params"]),
         batch_stats=cast_like(state.batch_stats, ema.get("batch_stats")),
-    )
-
-
-def fill_masked(raw: Any, ema: Any) -> Any:
-    """``ema`` with its masked leaves (``optax.MaskedNode``) taken from ``raw``.
-
-    Args:
-      raw: the raw model's tree.
-      ema: the EMA's tree, same structure up to masked leaves.
-
-    Returns:
-      A tree shaped like ``ema`` with no ``MaskedNode`` leaves.
-    """
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-    return jax.tree.map(lambda e, r: r if is_masked(e) else e, ema, raw, is_leaf=is_masked)
-
-
-def cast_like(raw: Any, ema: Any) -> Any:
-    """``ema`` (masked leaves filled from ``raw``) cast to the dtypes of ``raw``'s leaves.
-
-    Args:
-      raw: the raw model's tree, or None.
-      ema: the EMA's tree, same structure, or None when ``raw`` is.
-
-    Returns:
-      New arrays (never the EMA's buffers) shaped and typed like ``raw``.
-    """
-    if raw is None:
-        return None
-    return jax.tree.map(
-        lambda e, r: jnp.array(e, dtype=jnp.asarray(r).dtype, copy=True), fill_masked(raw, ema), raw
     )

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from sg_reference import sg_ema_replay, sg_threshold
 
 from jema import bench
+from tests.sg_reference import sg_ema_replay, sg_threshold
 
 
 def test_table_has_every_row_and_column(capsys):

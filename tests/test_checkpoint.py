@@ -159,3 +159,13 @@ def test_kd_export_and_a_teacher_loaded_from_pytorch(tmp_path):
         interop.load_checkpoint(kd_path, student_template, prefix="student."),
         student.ema_variables(),
     )
+
+
+def test_saving_an_existing_step_is_refused_and_keeps_the_checkpoint(tmp_path):
+    first = linen_state()
+    x, y = next(iter(batches(1)))
+    second = linen_train_step(first, x, y)
+    save(tmp_path / "ckpt", 5, first)
+    with pytest.raises(ValueError, match=r"checkpoint step 5 already exists in .*ckpt"):
+        save(tmp_path / "ckpt", 5, second)
+    assert_bit_identical(restore(tmp_path / "ckpt", first), first)

@@ -113,9 +113,20 @@ def test_exp_rejects_bad_beta(beta):
         jema.ExpDecay(beta=beta)
 
 
+@pytest.mark.parametrize("decay_type", ["constant", "threshold"])
+def test_sg_configs_with_beta_work_for_every_decay_type(decay_type):
+    params = jnp.zeros(2)
+    results = []
+    for options in ({}, {"beta": 15}):
+        tx = jema.ema_transform(0.99, decay_type, **options)
+        _, state = tx.update(jnp.zeros(2), tx.init(params), jnp.ones(2))
+        results.append(np.asarray(jema.ema_params(state)))
+    np.testing.assert_array_equal(*results)
+
+
 def test_builtin_schedules_reject_unknown_options():
-    with pytest.raises(TypeError, match=r"'threshold' does not accept options \{'beta': 15\}"):
-        jema.ema_transform(decay_type="threshold", beta=15)
+    with pytest.raises(TypeError, match=r"'threshold' does not accept options \{'gamma': 2\}"):
+        jema.ema_transform(decay_type="threshold", gamma=2)
 
 
 @given(decay=decays, step=steps, total=st.integers(1, 10**6))

@@ -197,3 +197,12 @@ def test_nnx_kd_step_freezes_teacher_and_evaluates_the_ema_student():
     for name in expected:
         np.testing.assert_allclose(parts[name], expected[name], rtol=1e-5)
     assert_bit_identical(raw, snapshot(nnx.state(model)))
+
+
+def test_task_loss_ignores_label_minus_100_like_torch():
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(6, 4)).astype(np.float32)
+    labels = np.array([1, -100, 3, 0, -100, 2])
+    expected = torch.nn.CrossEntropyLoss()(torch.from_numpy(logits), torch.from_numpy(labels))
+    np.testing.assert_allclose(jema.kd.cross_entropy(logits, labels), expected.item(), rtol=1e-6)
+    assert np.isnan(jema.kd.cross_entropy(logits, np.full(6, -100)))

@@ -124,3 +124,11 @@ def test_ema_dtype_must_be_floating(dtype):
         TypeError, match="ema_dtype must be a floating dtype such as jnp.float32; got"
     ):
         jema.ema_transform(ema_dtype=dtype)
+
+
+def test_skip_nonfinite_judges_the_new_weights_not_their_parts():
+    tx = jema.ema_transform(0.5, "constant", skip_nonfinite=True)
+    params = jnp.array([3e38, 1.0])
+    _, state = jax.jit(tx.update)(jnp.array([3e38, 0.0]), tx.init(params), params)  # overflows
+    assert int(jema.ema_count(state)) == 0
+    np.testing.assert_array_equal(jema.ema_params(state), params)

@@ -299,3 +299,30 @@ def test_batch_stats_start_at_attachment_and_average_with_the_same_decay():
     stats = jema.ema_batch_stats(state)["bn"]
     np.testing.assert_allclose(stats["mean"], 9.0, rtol=1e-6)
     np.testing.assert_allclose(stats["var"], 2 / 11 + 2 * 9 / 11, rtol=1e-6)
+
+
+def test_inject_hyperparams_with_bfloat16_params_names_the_fix():
+    params = jnp.ones(2, jnp.bfloat16)
+    injected = optax.inject_hyperparams(jema.ema_transform)
+    with pytest.raises(
+        ValueError, match=r"got Array\(1, dtype=bfloat16\).*hyperparam_dtype=jnp.float32"
+    ):
+        injected(decay=0.999, decay_type="constant").init(params)
+    with pytest.raises(TypeError, match="pass static_args='ema_dtype'"):
+        injected(decay=0.5, ema_dtype=jnp.float32).init(jnp.ones(2))
+    tx = optax.inject_hyperparams(
+        jema.ema_transform, static_args="ema_dtype", hyperparam_dtype=jnp.float32
+    )(decay=0.999, decay_type="constant", ema_dtype=jnp.float32)
+    _, state = jax.jit(tx.update)(jnp.zeros(2, jnp.bfloat16), tx.init(params), params * 2)
+    np.testing.assert_allclose(jema.ema_params(state), 0.999 + 0.001 * 2, rtol=1e-6)
+
+
+def test_attached_statistics_follow_a_float32_ema_of_bfloat16_params():
+    tx = jema.ema_transform(0.999, "constant", ema_dtype=jnp.float32)
+    params = jnp.ones(2, jnp.bfloat16)
+    state = jema.attach_batch_stats(tx.init(params), {"mean": jnp.ones(2, jnp.bfloat16)})
+    stats1 = {"mean": jnp.full(2, 1.0078125, jnp.bfloat16)}
+    _, state = jax.jit(tx.update)(jnp.zeros(2, jnp.bfloat16), state, params, batch_stats=stats1)
+    mean = jema.ema_batch_stats(state)["mean"]
+    assert mean.dtype == jnp.float32
+    np.testing.assert_allclose(mean, 0.999 + 0.001 * 1.0078125, rtol=1e-7)
