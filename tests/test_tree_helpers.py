@@ -1,0 +1,77 @@
+"""Property tests of the pure tree helpers behind the transform and the EMA swap."""
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from jema._average import average_tree
+from jema._swap import cast_like, fill_masked
+from jema._tree_checks import all_finite, check_same_structure
+
+floats = st.floats(-1e6, 1e6, width=32)
+vectors = hnp.arrays(np.float32, 4, elements=floats)
+names = st.text("abcdef", min_size=1, max_size=3)
+
+
+@given(ema=vectors, new=vectors, d=st.floats(0.0, 1.0))
+def test_average_tree_is_sgs_formula_in_float32(ema, new, d):
+    got = average_tree({"w": jnp.asarray(ema)}, {"w": jnp.asarray(new)}, (d, 1.0 - d))["w"]
+    expected = ema * np.float32(d) + np.float32(1.0 - d) * new
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@given(ema=vectors, new=vectors)
+def test_average_tree_endpoints_keep_or_replace(ema, new):
+    keep = average_tree([jnp.asarray(ema)], [jnp.asarray(new)], (1.0, 0.0))[0]
+    take = average_tree([jnp.asarray(ema)], [jnp.asarray(new)], (0.0, 1.0))[0]
+    np.testing.assert_array_equal(keep, ema)
+    np.testing.assert_array_equal(take, new)
+
+
+@given(counts=hnp.arrays(np.int32, 3, elements=st.integers(-(2**31), 2**31 - 1)), new=vectors)
+def test_average_tree_keeps_integer_leaves_and_none(counts, new):
+    out = average_tree(
+        {"n": jnp.asarray(counts), "w": jnp.zeros(4), "gone": None},
+        {"n": jnp.zeros(3, jnp.int32), "w": jnp.asarray(new), "gone": None},
+        (0.5, 0.5),
+    )
+    np.testing.assert_array_equal(out["n"], counts)
+    assert out["gone"] is None
+
+
+@given(
+    values=st.lists(floats, min_size=1, max_size=6), bad=st.sampled_from([np.nan, np.inf, -np.inf])
+)
+def test_all_finite_flags_any_nonfinite_float(values, bad):
+    tree = {"a": jnp.asarray(values, jnp.float32), "i": jnp.arange(3)}
+    assert bool(all_finite(tree))
+    poisoned = np.asarray(values, np.float32)
+    poisoned[len(values) // 2] = bad
+    assert not bool(all_finite(tree, {"b": jnp.asarray(poisoned)}))
+    assert bool(all_finite(None, {"i": jnp.arange(2)}))
+
+
+@given(keys=st.sets(names, min_size=1, max_size=4), extra=names)
+def test_check_same_structure_names_missing_and_unexpected_paths(keys, extra):
+    attached = {k: 0.0 for k in keys}
+    check_same_structure(attached, dict(attached), "batch_stats")
+    given_tree = {k: 0.0 for k in keys | {extra + "_x"}}
+    with pytest.raises(ValueError, match=rf"unexpected \[\"\['{extra}_x'\]\"\]"):
+        check_same_structure(attached, given_tree, "batch_stats")
+
+
+@given(raw=vectors, ema=vectors, masked=st.booleans())
+def test_fill_masked_and_cast_like_build_raw_shaped_new_arrays(raw, ema, masked):
+    ema_tree = {"a": optax.MaskedNode() if masked else jnp.asarray(ema), "b": jnp.asarray(ema)}
+    raw_tree = {"a": jnp.asarray(raw, jnp.bfloat16), "b": jnp.asarray(raw)}
+    filled = fill_masked(raw_tree, ema_tree)
+    assert filled["a"] is (raw_tree["a"] if masked else ema_tree["a"])
+    cast = cast_like(raw_tree, ema_tree)
+    assert cast["a"].dtype == jnp.bfloat16 and cast["b"].dtype == jnp.float32
+    np.testing.assert_array_equal(cast["b"], ema)
+    assert cast["b"].unsafe_buffer_pointer() != ema_tree["b"].unsafe_buffer_pointer()
+    assert cast_like(None, None) is None
