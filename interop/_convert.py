@@ -173,10 +173,19 @@ def _expected(unit_list: list[Unit]) -> list[str]:
 def _select(state_dict: Mapping[str, Any], prefix: str | None) -> dict[str, str]:
     """Maps usable names (no ``module.``, no ``prefix``) to the original keys."""
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"expected a state_dict (mapping of names to tensors), got {state_dict!r}")
+        hint = "; pass its .state_dict()" if isinstance(state_dict, torch.nn.Module) else ""
+        raise TypeError(
+            f"expected a state_dict (a mapping of names to tensors), got a "
+            f"{type(state_dict).__name__}{hint}"
+        )
     bad = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if bad:
-        raise TypeError(f"state_dict values must be tensors; not tensors: {bad}")
+        whole = {"net", "ema_net"} & set(bad)
+        hint = f"; a whole checkpoint? pass checkpoint[{min(whole)!r}]" if whole else ""
+        raise TypeError(
+            f"state_dict values must be tensors; {len(bad)} keys hold other values: "
+            f"{_few(bad)}{hint}"
+        )
     names = {s: k for k, s in strip_module(list(state_dict)).items()}
     if prefix is None:
         return names
@@ -185,6 +194,11 @@ def _select(state_dict: Mapping[str, Any], prefix: str | None) -> dict[str, str]
         heads = sorted({s.split(".", 1)[0] + "." for s in names})
         raise ValueError(f"no key starts with prefix {prefix!r}; the keys start with {heads}")
     return kept
+
+
+def _few(names: list[str], most: int = 5) -> str:
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(repr(n) for n in names[:most]) + more
 
 
 def _unit_to_flax(

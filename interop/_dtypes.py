@@ -27,8 +27,18 @@ _BY_NUMPY = {n: (t, via) for t, n, via in _TABLE}
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """Copies a tensor into a new numpy array with the same dtype and bits.
 
+    Args:
+      tensor: any tensor (detached and moved to the CPU first) of a dtype in the table.
+
+    Returns:
+      A new array; bfloat16 becomes ``ml_dtypes.bfloat16``.
+
     Raises:
-      TypeError: for a dtype outside the table.
+      TypeError: for a dtype outside the table, listing the allowed ones.
+
+    Example:
+      >>> to_numpy(torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
+      array([1.5, -2], dtype=bfloat16)
     """
     if tensor.dtype not in _BY_TORCH:
         raise TypeError(f"unsupported tensor dtype {tensor.dtype}; allowed: {_allowed()}")
@@ -42,8 +52,18 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
 def to_torch(array: np.ndarray) -> torch.Tensor:
     """Copies an array (numpy or jax) into a new contiguous tensor with the same dtype and bits.
 
+    Args:
+      array: a numpy or jax array of a dtype in the table.
+
+    Returns:
+      A new CPU tensor that shares no memory with ``array``.
+
     Raises:
-      TypeError: for a dtype outside the table.
+      TypeError: for a dtype outside the table, listing the allowed ones.
+
+    Example:
+      >>> to_torch(np.array([1.5, -2.0], dtype=ml_dtypes.bfloat16))
+      tensor([ 1.5000, -2.0000], dtype=torch.bfloat16)
     """
     array = np.asarray(array)
     if array.dtype not in _BY_NUMPY:
@@ -56,7 +76,21 @@ def to_torch(array: np.ndarray) -> torch.Tensor:
 
 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    """The numpy dtype that holds a torch dtype's values exactly."""
+    """The numpy dtype that holds a torch dtype's values exactly.
+
+    Args:
+      dtype: a torch dtype in the table.
+
+    Returns:
+      Its numpy twin.
+
+    Raises:
+      TypeError: for a dtype outside the table, listing the allowed ones.
+
+    Example:
+      >>> numpy_dtype(torch.bfloat16)
+      dtype(bfloat16)
+    """
     if dtype not in _BY_TORCH:
         raise TypeError(f"unsupported tensor dtype {dtype}; allowed: {_allowed()}")
     return _BY_TORCH[dtype][0]

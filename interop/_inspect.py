@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from interop._dtypes import to_numpy
-from interop._files import SECTIONS, read_checkpoint
+from interop._files import BARE, read_checkpoint, sections
 
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
@@ -41,18 +41,16 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{os.fspath(path)} holds a {type(checkpoint).__name__}, not a dict")
     lines = [f"{os.fspath(path)} ({os.path.getsize(path):,} bytes)"]
-    sections = {s: checkpoint[s] for s in SECTIONS if isinstance(checkpoint.get(s), Mapping)}
-    if not sections and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        sections = {"state_dict": checkpoint}
-    for name, state_dict in sections.items():
+    found = sections(checkpoint)
+    for name, state_dict in found.items():
         lines.append(f"{name}: {_summary(state_dict)}")
-    others = [] if "state_dict" in sections else [k for k in checkpoint if k not in sections]
-    if not sections:
+    others = [] if BARE in found else [k for k in checkpoint if k not in found]
+    if not found:
         lines.append("no 'net', 'ema_net' or state_dict found")
     lines += [f"{k}: {_describe(checkpoint[k])}" for k in others]
-    if len(sections) == 2:
+    if len(found) == 2:
         lines.append("relative distance |net - ema_net| / |net| per layer:")
-        lines += _distances(sections["net"], sections["ema_net"])
+        lines += _distances(found["net"], found["ema_net"])
     return "\n".join(lines)
 
 

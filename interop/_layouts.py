@@ -103,11 +103,37 @@ MODULES: tuple[Layout, ...] = (_attention(bias=True), _attention(bias=False))
 
 
 def for_leaf(name: str) -> Layout:
-    """The entry for one Flax leaf name; unknown names keep their name and values."""
+    """The layout entry for one Flax leaf name.
+
+    Args:
+      name: the leaf's last key, e.g. ``"kernel"``.
+
+    Returns:
+      Its ``LEAVES`` entry, or one that keeps the name and values for a name not in the table.
+
+    Example:
+      >>> for_leaf("scale").torch, for_leaf("cls_token").torch
+      (('weight',), ('cls_token',))
+    """
     return LEAVES.get(name) or Layout(((name,),), (name,), _same, _same)
 
 
 def torch_shapes(layout: Layout, flax_shapes: Shapes) -> list[tuple[int, ...]]:
-    """The PyTorch shapes that a set of Flax shapes becomes, without touching real data."""
+    """The PyTorch shapes that a set of Flax shapes becomes, without touching real data.
+
+    Args:
+      layout: a layout entry.
+      flax_shapes: the shapes of its Flax leaves, in ``layout.flax`` order.
+
+    Returns:
+      The shapes of its PyTorch tensors, in ``layout.torch`` order.
+
+    Raises:
+      ValueError: when the shapes do not fit the layout (e.g. a 1-D kernel).
+
+    Example:
+      >>> torch_shapes(LEAVES["kernel"], [(3, 3, 8, 16)])
+      [(16, 8, 3, 3)]
+    """
     dummies = [np.broadcast_to(np.int8(0), s) for s in flax_shapes]
     return [tuple(a.shape) for a in layout.to_torch(dummies)]

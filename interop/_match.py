@@ -24,7 +24,21 @@ def units(leaves: Sequence[Leaf]) -> list[Unit]:
     """Groups leaves by module into layout units, in module order (linen: first-call order).
 
     Within a module, leaves keep their order, so a BatchNorm reads scale, bias, mean, var:
-    PyTorch's weight, bias, running_mean, running_var.
+    PyTorch's weight, bias, running_mean, running_var. An attention module's leaves form one
+    unit.
+
+    Args:
+      leaves: the leaves of ``flatten(variables)``.
+
+    Returns:
+      One ``Unit`` per layout entry found, each with its default PyTorch names.
+
+    Example:
+      >>> import numpy as np
+      >>> from interop._tree import flatten
+      >>> leaves = flatten({"params": {"fc": {"kernel": np.zeros((2, 3))}}}).leaves
+      >>> [unit.names for unit in units(leaves)]
+      [('fc.weight',)]
     """
     by_module: dict[Path, list[Leaf]] = {}
     for leaf in leaves:
@@ -76,10 +90,27 @@ def match(
     rules: Sequence[tuple[re.Pattern[str], str]],
     by_order: bool,
 ) -> dict[str, str]:
-    """Pairs expected default names with available keys; returns expected -> available.
+    """Pairs expected default names with available keys.
+
+    Exact names come first (both sides normalised, so ``layers_0`` finds ``layers.0``), then
+    ``rules`` applied to what is left, then, with ``by_order``, what is still left in order.
+
+    Args:
+      expected: the default PyTorch names the Flax side needs, normalised.
+      available: the keys on the PyTorch side.
+      rules: compiled rename rules (``compile_rename``), turning available keys into expected
+        names.
+      by_order: pair the leftovers in order.
+
+    Returns:
+      Expected name -> available key, for the names that found one.
 
     Raises:
       ValueError: when two available keys are the same name once normalised.
+
+    Example:
+      >>> match(["fc.weight", "layers.0.bias"], ["fc.weight", "layers_0.bias"], (), False)
+      {'fc.weight': 'fc.weight', 'layers.0.bias': 'layers_0.bias'}
     """
     normal: dict[str, str] = {}
     for key in available:

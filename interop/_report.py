@@ -53,13 +53,35 @@ class Problems:
     dtypes: list[str] = dataclasses.field(default_factory=list)
 
     def report(self) -> Report:
+        """The mismatches so far, each kind sorted.
+
+        Returns:
+          A ``Report``.
+
+        Example:
+          >>> problems = Problems(missing=["b", "a"])
+          >>> problems.report().missing
+          ('a', 'b')
+        """
         return Report(*(tuple(sorted(v)) for v in dataclasses.asdict(self).values()))
 
     def finish(self, value: Any, strict: bool, what: str) -> Any:
-        """Returns ``value`` (strict) or ``Converted`` (non-strict); strict raises on mismatches.
+        """Ends a conversion: strict returns ``value`` or raises, non-strict reports.
+
+        Args:
+          value: the converted value.
+          strict: raise on mismatches, else return ``Converted(value, report)``.
+          what: names the source in the error, e.g. ``"the state_dict"``.
+
+        Returns:
+          ``value`` (strict) or ``Converted(value, report)``.
 
         Raises:
-          ValueError: in strict mode, listing every mismatch.
+          ValueError: in strict mode, listing every mismatch, sorted.
+
+        Example:
+          >>> Problems(unexpected=["fc.bias"]).finish({}, False, "the state_dict").report.ok
+          False
         """
         report = self.report()
         if not strict:

@@ -50,8 +50,24 @@ def flatten(variables: Any) -> Flat:
     A mapping without ``"params"`` whose values are all variables (e.g.
     ``{"student": ..., "teacher": ...}``) is a group: each name becomes a module prefix.
 
+    Args:
+      variables: linen variables (``{"params": ..., "batch_stats": ...}``), an nnx Module or
+        State (its ``Param`` and ``BatchStat`` leaves), or a mapping of names to those.
+
+    Returns:
+      A ``Flat``: the leaves in order, ``rebuild(values)`` giving the same structure holding
+      new values, and whether the order is linen's first-call order.
+
     Raises:
       TypeError: naming the type when the input is none of these.
+
+    Example:
+      >>> import numpy as np
+      >>> flat = flatten({"params": {"fc": {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)}}})
+      >>> [leaf.label for leaf in flat.leaves], flat.ordered
+      (['params/fc/kernel', 'params/fc/bias'], True)
+      >>> flat.rebuild([1, 2])
+      {'params': {'fc': {'kernel': 1, 'bias': 2}}}
     """
     if isinstance(variables, nnx.Module):
         variables = nnx.state(variables, (nnx.Param, nnx.BatchStat))

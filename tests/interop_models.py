@@ -132,6 +132,19 @@ class TorchDecoder(tnn.Module):
         return self.up2(torch.relu(self.up1(x)))
 
 
+class TorchConv1d(tnn.Module):
+    """A grouped Conv1d, BatchNorm1d, then a ConvTranspose1d upsampler (k3 s2 p1 op1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = tnn.Conv1d(4, 6, 3, padding=1, groups=2)
+        self.bn = tnn.BatchNorm1d(6)
+        self.up = tnn.ConvTranspose1d(6, 3, 3, stride=2, padding=1, output_padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(torch.relu(self.bn(self.conv(x))))
+
+
 # ---- linen twins ----------------------------------------------------------------------------
 
 
@@ -139,8 +152,8 @@ def _pad(p: int, dims: int = 2) -> tuple[tuple[int, int], ...]:
     return ((p, p),) * dims
 
 
-def _tpad(k: int, p: int, op: int = 0) -> tuple[tuple[int, int], ...]:
-    return ((k - 1 - p, k - 1 - p + op),) * 2
+def _tpad(k: int, p: int, op: int = 0, dims: int = 2) -> tuple[tuple[int, int], ...]:
+    return ((k - 1 - p, k - 1 - p + op),) * dims
 
 
 def _linen_bn() -> nn.BatchNorm:
@@ -212,6 +225,15 @@ class LinenDecoder(nn.Module):
         up1 = nn.ConvTranspose(4, (3, 3), (2, 2), _tpad(3, 1, 1), transpose_kernel=True, name="up1")
         up2 = nn.ConvTranspose(2, (4, 4), (2, 2), _tpad(4, 1), transpose_kernel=True, name="up2")
         return up2(nn.relu(up1(x)))
+
+
+class LinenConv1d(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Conv(6, (3,), padding=_pad(1, 1), feature_group_count=2, name="conv")(x)
+        x = nn.relu(_linen_bn().copy(name="bn")(x))
+        up = nn.ConvTranspose(3, (3,), (2,), _tpad(3, 1, 1, 1), transpose_kernel=True, name="up")
+        return up(x)
 
 
 # ---- nnx twins ------------------------------------------------------------------------------
@@ -309,6 +331,17 @@ class NnxDecoder(nnx.Module):
         return self.up2(nnx.relu(self.up1(x)))
 
 
+class NnxConv1d(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.conv = nnx.Conv(4, 6, (3,), padding=_pad(1, 1), feature_group_count=2, rngs=rngs)
+        self.bn = _nnx_bn(6, rngs)
+        up = dict(strides=(2,), padding=_tpad(3, 1, 1, 1), transpose_kernel=True, rngs=rngs)
+        self.up = nnx.ConvTranspose(6, 3, (3,), **up)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.up(nnx.relu(self.bn(self.conv(x))))
+
+
 # ---- the registry ---------------------------------------------------------------------------
 
 
@@ -357,6 +390,7 @@ TWINS: dict[str, Twin] = {
     ),
     "conv3d": Twin(TorchConv3d, LinenConv3d, NnxConv3d, _normal(1, 2, 5, 5, 5), True, True),
     "decoder": Twin(TorchDecoder, LinenDecoder, NnxDecoder, _normal(1, 8, 3, 3), True, True),
+    "conv1d": Twin(TorchConv1d, LinenConv1d, NnxConv1d, _normal(2, 4, 7), True, True),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 
 import jax
 import numpy as np
@@ -33,6 +34,26 @@ class TorchKD(tnn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.student, self.teacher = TorchMLP(), TorchCNN()
+
+
+class TorchNetHead(tnn.Module):
+    """A model with a submodule called ``net``, like SuperGradients' section."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.head = tnn.Linear(4, 8), tnn.Linear(8, 3)
+
+
+def _abstract(*shape: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, np.float32)
+
+
+NET_HEAD_T = {
+    "params": {
+        "net": {"kernel": _abstract(4, 8), "bias": _abstract(8)},
+        "head": {"kernel": _abstract(8, 3), "bias": _abstract(3)},
+    }
+}
 
 
 def _same(flax_tree, state_dict, template_module) -> None:
@@ -66,6 +87,30 @@ def test_bare_state_dict_and_module_prefix(tmp_path, models) -> None:
     _same(interop.load_checkpoint(path, MLP_T), net.state_dict(), net)
     with pytest.raises(ValueError, match="bare state_dict with no 'ema_net'"):
         interop.load_checkpoint(path, MLP_T, which="ema_net")
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "pth"])
+def test_bare_state_dict_with_a_net_submodule_is_not_a_section(tmp_path, suffix) -> None:
+    model = randomized(TorchNetHead(), 3)
+    path = tmp_path / f"bare.{suffix}"
+    state_dict = dict(model.state_dict())
+    if suffix == "pth":
+        torch.save(state_dict, path)
+    else:
+        safetensors.torch.save_file(state_dict, path)
+    _same(interop.load_checkpoint(path, NET_HEAD_T), state_dict, model)
+    lines = interop.inspect_checkpoint(path).splitlines()
+    assert lines[1:] == ["state_dict: 4 tensors, 67 parameters, dtypes float32 x4"]
+
+
+def test_bare_state_dict_with_a_parameter_named_net(tmp_path) -> None:
+    state_dict = {"net": torch.randn(3), "head.weight": torch.randn(2, 3)}
+    path = tmp_path / "bare.pth"
+    torch.save(state_dict, path)
+    template = {"params": {"net": _abstract(3), "head": {"kernel": _abstract(3, 2)}}}
+    loaded = interop.load_checkpoint(path, template)
+    np.testing.assert_array_equal(loaded["params"]["net"], state_dict["net"].numpy())
+    assert interop.inspect_checkpoint(path).splitlines()[1].startswith("state_dict: 2 tensors")
 
 
 def test_save_then_load_round_trip_with_extras(tmp_path, models) -> None:
@@ -191,6 +236,8 @@ def test_safetensors_save_and_load(tmp_path, models) -> None:
     )
     _same(interop.load_checkpoint(path, MLP_T), ema.state_dict(), net)
     _same(interop.load_checkpoint(path, MLP_T, which="net"), net.state_dict(), net)
+    lines = interop.inspect_checkpoint(path).splitlines()
+    assert lines[1].startswith("net: 6 tensors") and lines[2].startswith("ema_net: 6 tensors")
     bare = tmp_path / "bare.safetensors"
     safetensors.torch.save_file(dict(net.state_dict()), bare)
     _same(interop.load_checkpoint(bare, MLP_T), net.state_dict(), net)
@@ -213,3 +260,41 @@ def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path, models, monkeypa
         interop.save_checkpoint(path, net=net_vars, epoch=2)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["ckpt.pth"]
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_saved_files_get_the_mode_open_would_give(tmp_path, models, umask, suffix) -> None:
+    net_vars = interop.torch_to_flax(models[0].state_dict(), MLP_T)
+    path = tmp_path / f"ckpt.{suffix}"
+    old = os.umask(umask)
+    try:
+        _write(tmp_path / "plain", b"")
+        interop.save_checkpoint(path, net=net_vars)
+        assert _mode(path) == _mode(tmp_path / "plain") == 0o666 & ~umask
+        os.chmod(path, 0o640)
+        interop.save_checkpoint(path, net=net_vars)
+        assert _mode(path) == 0o640
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECTORY"), reason="folders can be synced on POSIX")
+def test_file_is_synced_before_the_rename_and_folder_after(tmp_path, models, monkeypatch) -> None:
+    net_vars = interop.torch_to_flax(models[0].state_dict(), MLP_T)
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def record_fsync(fd: int) -> None:
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "replace", lambda *a: events.append("rename") or replace(*a))
+    interop.save_checkpoint(tmp_path / "ckpt.pth", net=net_vars)
+    assert events == ["fsync file", "rename", "fsync folder"]

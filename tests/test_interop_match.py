@@ -177,6 +177,29 @@ def test_bad_inputs_are_type_errors() -> None:
         )
 
 
+def test_state_dict_errors_name_the_type_and_a_few_keys_not_the_value() -> None:
+    with pytest.raises(TypeError) as e:
+        interop.torch_to_flax(TorchMLP(), MLP_T)
+    assert str(e.value) == (
+        "expected a state_dict (a mapping of names to tensors), got a TorchMLP; "
+        "pass its .state_dict()"
+    )
+    with pytest.raises(TypeError) as e:
+        interop.torch_to_flax([torch.zeros(3)] * 1000, MLP_T)
+    assert str(e.value) == "expected a state_dict (a mapping of names to tensors), got a list"
+    checkpoint = {"net": TorchMLP().state_dict(), "ema_net": {}, "epoch": 3}
+    with pytest.raises(TypeError) as e:
+        interop.torch_to_flax(checkpoint, MLP_T)
+    assert str(e.value) == (
+        "state_dict values must be tensors; 3 keys hold other values: 'ema_net', 'epoch', "
+        "'net'; a whole checkpoint? pass checkpoint['ema_net']"
+    )
+    with pytest.raises(
+        TypeError, match=r"100 keys .*: 'k0', 'k1', 'k10', 'k11', 'k12' and 95 more$"
+    ):
+        interop.torch_to_flax({f"k{i}": i for i in range(100)}, MLP_T)
+
+
 def test_unknown_leaves_keep_their_names() -> None:
     class WithToken(tnn.Module):
         def __init__(self) -> None:

@@ -107,7 +107,7 @@ def test_torch_flax_torch_is_bit_identical(name: str, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("name", ["cnn", "attention", "decoder"])
+@pytest.mark.parametrize("name", ["cnn", "attention", "decoder", "conv1d"])
 def test_bfloat16_round_trip_is_bit_exact(name: str, kind: str) -> None:
     twin, model, x, _ = _setup(name)
     model16 = randomized(twin.torch()).to(torch.bfloat16)

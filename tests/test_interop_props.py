@@ -1,15 +1,27 @@
-"""Property tests of the pure pieces: the layout table, the dtype table, name normalisation."""
+"""Property tests of the pure pieces: the layout and dtype tables, names, rename rules,
+matching, and the value converter behind ``save_checkpoint``."""
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from hypothesis import given
+import torch
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
 
+import interop
+from interop._checkpoint import _plain
 from interop._dtypes import to_numpy, to_torch
 from interop._layouts import LEAVES, MODULES, torch_shapes
-from interop._names import dotted, normalise
+from interop._match import match
+from interop._names import apply_rename, compile_rename, dotted, normalise, strip_module
 
 DTYPES = [np.float32, np.float16, np.float64, ml_dtypes.bfloat16, np.int64, np.int8]
 dims = st.integers(1, 4)
@@ -58,7 +70,10 @@ def test_dtype_table_is_bit_exact_both_ways(shape, dtype, seed) -> None:
     assert not np.shares_memory(back, array)
 
 
-names = st.from_regex(r"[a-z][a-z]{0,5}", fullmatch=True)
+# Any name, and often one ending in ``_<digits>`` (``stage_1``, ``block_1_2``).
+names = st.from_regex(r"[a-z][a-z0-9_]{0,5}", fullmatch=True) | st.from_regex(
+    r"[a-z]{1,3}(_[0-9]{1,2}){1,2}", fullmatch=True
+)
 
 
 @given(st.lists(st.tuples(names, st.integers(0, 12)), min_size=1, max_size=4))
@@ -66,5 +81,158 @@ def test_linen_and_nnx_indices_name_the_same_torch_module(parts) -> None:
     linen = [f"{name}_{i}" for name, i in parts]
     nnx = [x for name, i in parts for x in (name, i)]
     torch_name = ".".join(f"{name}.{i}" for name, i in parts)
-    assert dotted(linen) == dotted(nnx) == torch_name
-    assert normalise(torch_name) == torch_name
+    assert dotted(linen) == dotted(nnx) == normalise(torch_name)
+
+
+@given(st.lists(names | st.integers(0, 12), min_size=1, max_size=5))
+def test_normalise_is_idempotent_and_dotted_names_round_trip(path) -> None:
+    name = dotted(path)
+    assert normalise(name) == name
+    assert dotted(name.split(".")) == name
+
+
+keys = st.lists(st.from_regex(r"[a-z][a-z0-9_.]{0,10}", fullmatch=True), unique=True, max_size=6)
+
+
+@given(keys, st.booleans())
+def test_strip_module_drops_the_prefix_only_when_every_key_has_it(names, one_without) -> None:
+    prefixed = [f"module.{k}" for k in names]
+    if one_without:
+        prefixed.append("head.bias")
+        assert strip_module(prefixed) == {k: k for k in prefixed}
+    else:
+        assert strip_module(prefixed) == dict(zip(prefixed, names, strict=True))
+    assert list(strip_module(prefixed)) == prefixed
+
+
+text = st.text(alphabet="ab._01", max_size=8)
+
+
+@given(st.lists(st.tuples(text.filter(bool), text), max_size=4), text, st.booleans())
+def test_literal_rename_rules_act_like_str_replace_in_order(rules, name, as_mapping) -> None:
+    items = list(dict(rules).items()) if as_mapping else rules
+    escaped = [(re.escape(pattern), replacement) for pattern, replacement in items]
+    compiled = compile_rename(dict(escaped) if as_mapping else escaped)
+    assert [(p.pattern, r) for p, r in compiled] == escaped
+    expected = name
+    for pattern, replacement in items:
+        expected = expected.replace(pattern, replacement)
+    assert apply_rename(name, compiled) == expected
+    assert compile_rename(None) == () and apply_rename(name, ()) == name
+
+
+torch_names = st.lists(
+    st.from_regex(r"[a-z]{1,4}(\.[0-9]|\.[a-z]{1,4}){0,3}", fullmatch=True),
+    unique=True,
+    min_size=1,
+    max_size=10,
+)
+
+
+@given(torch_names, st.randoms(use_true_random=False), st.booleans(), st.booleans())
+def test_match_pairs_every_name_whatever_the_order(names, random, linen_style, by_order) -> None:
+    available = [re.sub(r"\.(\d)", r"_\1", n) for n in names] if linen_style else list(names)
+    key = dict(zip(names, available, strict=True))
+    random.shuffle(available)
+    assert match(names, available, (), by_order) == key
+
+
+@given(torch_names, st.integers(0, 4), st.integers(0, 4), st.randoms(use_true_random=False))
+def test_match_by_order_pairs_only_the_leftovers_in_order(names, extra, spare, random) -> None:
+    expected = [*names, *(f"flax{i}.weight" for i in range(extra))]
+    available = [*names, *(f"torch{i}.weight" for i in range(spare))]
+    random.shuffle(available)
+    pairs = match(expected, available, (), True)
+    assert {n: pairs[n] for n in names} == {n: n for n in names}
+    leftovers = [k for k in available if k not in names]
+    assert [pairs.get(e) for e in expected[len(names) :]] == [
+        *leftovers[:extra],
+        *[None] * max(0, extra - len(leftovers)),
+    ]
+
+
+modules = st.lists(st.from_regex(r"[a-z]{1,5}", fullmatch=True), unique=True, min_size=1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(modules.flatmap(st.permutations), st.data())
+def test_torch_to_flax_pairs_by_name_and_reports_every_mismatch_sorted(order, data) -> None:
+    """Each module's ``bias`` is given ("="), left out ("-") or mis-shaped ("s"), in any order."""
+    template = {"params": {m: {"bias": jax.ShapeDtypeStruct((2,), np.float32)} for m in order}}
+    kinds = st.lists(st.sampled_from("=-s"), min_size=len(order), max_size=len(order))
+    plan = dict(zip(order, data.draw(kinds), strict=True))
+    extras = [f"extra{i}.bias" for i in range(data.draw(st.integers(0, 3)))]
+    state_dict = {
+        f"{m}.bias": torch.full((2 if kind == "=" else 3,), float(i))
+        for i, (m, kind) in enumerate(plan.items())
+        if kind != "-"
+    }
+    state_dict.update((e, torch.zeros(1)) for e in reversed(extras))
+    value, report = interop.torch_to_flax(state_dict, template, strict=False)
+    for i, (m, kind) in enumerate(plan.items()):
+        if kind == "=":
+            np.testing.assert_array_equal(value["params"][m]["bias"], [i, i])
+    missing = [f"params/{m}/bias (needs {m}.bias)" for m, k in plan.items() if k == "-"]
+    shapes = [
+        f"{m}.bias: (3,) in the state_dict, (2,) for params/{m}/bias"
+        for m, k in plan.items()
+        if k == "s"
+    ]
+    assert report.missing == tuple(sorted(missing))
+    assert report.shapes == tuple(sorted(shapes))
+    assert report.unexpected == tuple(sorted(extras)) and report.dtypes == ()
+
+
+def _numpy_values(dtype) -> st.SearchStrategy:
+    elements = st.floats(width=32, allow_nan=False) if dtype == np.float32 else None
+    return arrays(dtype, array_shapes(min_dims=0, max_dims=2, max_side=3), elements=elements)
+
+
+leaves = st.one_of(
+    st.sampled_from([np.float32, np.int64, np.bool_]).flatmap(_numpy_values),
+    _numpy_values(np.float32).map(jnp.asarray),
+    st.integers(-(2**40), 2**40).map(np.int64),
+    st.floats(width=32, allow_nan=False).map(np.float32),
+    st.integers() | st.floats(allow_nan=False) | st.text(max_size=3) | st.booleans() | st.none(),
+)
+values = st.recursive(
+    leaves,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(deadline=None)
+@given(values)
+def test_plain_turns_numpy_and_jax_values_into_python_numbers_lists_or_tensors(value) -> None:
+    listed, tensors = _plain(value), _plain(value, tensors=True)
+    json.dumps(listed)
+    _check_plain(value, listed, tensors)
+
+
+def _check_plain(value, listed, tensors) -> None:
+    if isinstance(value, Mapping):
+        assert type(listed) is type(tensors) is dict and list(listed) == list(tensors) == list(
+            value
+        )
+        for k in value:
+            _check_plain(value[k], listed[k], tensors[k])
+    elif isinstance(value, list | tuple):
+        assert type(listed) is type(tensors) is type(value) and len(listed) == len(value)
+        for parts in zip(value, listed, tensors, strict=True):
+            _check_plain(*parts)
+    elif isinstance(value, np.generic | np.ndarray | jax.Array) and np.ndim(value) > 0:
+        array = np.asarray(value)
+        assert listed == array.tolist()
+        assert isinstance(tensors, torch.Tensor)
+        back = to_numpy(tensors)
+        assert back.dtype == array.dtype and back.tobytes() == array.tobytes()
+    elif isinstance(value, np.generic | np.ndarray | jax.Array):
+        item = np.asarray(value).item()
+        assert type(listed) is type(tensors) is type(item) and listed == tensors == item
+    else:
+        assert listed is value and tensors is value
