@@ -19,7 +19,8 @@ class WeightEmaState(NamedTuple):
     """State of :func:`ema_transform`.
 
     Attributes:
-      count: number of optimizer steps averaged so far.
+      count: optimizer steps so far, counting those ``every_k_steps`` does not average and
+        not those ``skip_nonfinite`` skips; the next step uses ``decay_fn(count + 1)``.
       ema: the averaged weights, a tree shaped like the params, in the EMA dtype.
       batch_stats: averaged BatchNorm statistics, or None until
         :func:`jema.attach_batch_stats` gives the EMA its initial ones.
