@@ -12,7 +12,7 @@ from jema._average import average_tree
 from jema._swap import cast_like, fill_masked
 from jema._tree_checks import all_finite, check_same_structure
 
-floats = st.floats(-1e6, 1e6, width=32)
+floats = st.floats(-1e6, 1e6, width=32, allow_subnormal=False)  # XLA:CPU flushes them
 vectors = hnp.arrays(np.float32, 4, elements=floats)
 names = st.text("abcdef", min_size=1, max_size=3)
 
