@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
@@ -36,6 +37,9 @@ class TrainState(train_state.TrainState):
     ) -> TrainState:
         """A state at step 0 whose EMA holds copies of ``params`` and ``batch_stats``.
 
+        ``step`` starts as an int32 array (flax uses the Python int 0), so a jitted train
+        step compiles once, not once for the int and again for the array it returns.
+
         Args:
           apply_fn: usually ``model.apply``.
           params: the model's params (``variables["params"]``).
@@ -62,7 +66,7 @@ class TrainState(train_state.TrainState):
         if batch_stats is not None:
             opt_state = attach_batch_stats(opt_state, batch_stats)
         return cls(
-            step=0,
+            step=jnp.zeros([], jnp.int32),
             apply_fn=apply_fn,
             params=params,
             tx=tx,

@@ -130,3 +130,13 @@ def test_errors_teach_the_fix():
         no_stats.apply_gradients(grads={"w": jnp.ones(1)}, batch_stats={"mean": jnp.zeros(1)})
     with pytest.raises(TypeError, match=r"jema.nnx.finalize"):
         finalize({"params": {}})
+
+
+def test_a_jitted_step_compiles_once():
+    tx = jema.with_ema(optax.sgd(0.1), decay=0.9)
+    state = jema.TrainState.create(apply_fn=None, params={"w": jnp.ones(3)}, tx=tx)
+    step = jax.jit(lambda s: s.apply_gradients(grads={"w": jnp.ones(3)}))
+    for _ in range(3):
+        state = step(state)
+    assert step._cache_size() == 1
+    assert int(state.step) == 3
