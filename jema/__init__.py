@@ -1,6 +1,6 @@
 """jema: SuperGradients' exponential moving average of model weights, for JAX/Flax and optax."""
 
-from jema import checkpoint, kd, nnx
+from jema import checkpoint, digits, kd, nnx
 from jema._decay import (
     EMA_DECAY_FUNCTIONS,
     ConstantDecay,
@@ -26,6 +26,7 @@ __all__ = [
     "attach_batch_stats",
     "checkpoint",
     "constant",
+    "digits",
     "ema_batch_stats",
     "ema_count",
     "ema_params",

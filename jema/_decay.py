@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -179,7 +180,7 @@ class ExpDecay(IDecayFunction):
         super().__init__()
         if (
             isinstance(beta, bool)
-            or not isinstance(beta, (int, float))
+            or not isinstance(beta, numbers.Real)
             or not 0 < beta < float("inf")
         ):
             raise ValueError(f"beta must be a positive finite number; got {beta!r}")

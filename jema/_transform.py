@@ -116,6 +116,7 @@ def ema_transform(
         del extra_args
         if params is None:
             raise ValueError(NO_PARAMS_MSG)
+        check_same_structure(state.ema, params, "params")
         if batch_stats is not None:
             check_same_structure(state.batch_stats, batch_stats, "batch_stats")
         count = optax.safe_increment(state.count)

@@ -15,16 +15,21 @@ def _is_none(x: Any) -> bool:
 def check_same_structure(attached: Any, given: Any, name: str) -> None:
     """Check that ``given`` can be averaged into ``attached`` (the EMA's copy of ``name``).
 
+    Paths and shapes must match exactly: a broadcastable shape would silently change the
+    EMA's shape.
+
     Args:
       attached: what the EMA holds for ``name``, or None when nothing was attached.
       given: the new values passed to ``update``.
       name: the keyword they came in, for the message.
 
     Raises:
-      ValueError: when nothing was attached, or the two trees have different paths.
+      ValueError: when nothing was attached, or the two trees differ in paths or shapes
+        (every difference listed, sorted).
 
     Example:
-      >>> check_same_structure({"mean": 0.0}, {"mean": 1.0}, "batch_stats")
+      >>> import jax.numpy as jnp
+      >>> check_same_structure({"mean": jnp.zeros(2)}, {"mean": jnp.ones(2)}, "batch_stats")
     """
     if attached is None:
         raise ValueError(
@@ -38,6 +43,17 @@ def check_same_structure(attached: Any, given: Any, name: str) -> None:
             f"the {name} given to update have a different structure from the EMA's: "
             f"{_structure_diff(attached, given)}"
         )
+    shapes = sorted(
+        f"{jax.tree_util.keystr(path)}: EMA {jnp.shape(a)}, given {jnp.shape(g)}"
+        for (path, a), g in zip(
+            jax.tree_util.tree_leaves_with_path(attached, is_leaf=_is_none),
+            jax.tree.leaves(given, is_leaf=_is_none),
+            strict=True,
+        )
+        if a is not None and jnp.shape(a) != jnp.shape(g)
+    )
+    if shapes:
+        raise ValueError(f"the {name} given to update differ in shape from the EMA's: {shapes}")
 
 
 def all_finite(*trees: Any) -> jax.Array:

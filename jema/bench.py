@@ -76,6 +76,31 @@ class Row:
     met: bool | None = None
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts such as ``--repeats``: an int of at least 1.
+
+    Args:
+      text: the command-line value.
+
+    Returns:
+      The int.
+
+    Raises:
+      argparse.ArgumentTypeError: for anything else, naming the value.
+
+    Example:
+      >>> positive_int("3")
+      3
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int; got {text!r}")
+    return value
+
+
 def leaf_sizes(params: int, leaves: int) -> list[int]:
     """Split ``params`` weights into ``leaves`` near-equal leaf sizes.
 
@@ -430,9 +455,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     description = __doc__.splitlines()[0]
     parser = argparse.ArgumentParser(prog="python -m jema.bench", description=description)
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per row")
-    parser.add_argument("--params", type=int, default=25_000_000, help="total float32 weights")
-    parser.add_argument("--leaves", type=int, default=100, help="number of leaves")
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed runs per row")
+    parser.add_argument(
+        "--params", type=positive_int, default=25_000_000, help="total float32 weights"
+    )
+    parser.add_argument("--leaves", type=positive_int, default=100, help="number of leaves")
     args = parser.parse_args(argv)
     run(repeats=args.repeats, params=args.params, leaves=args.leaves)
     return 0

@@ -34,6 +34,7 @@ from jema.bench import (
     format_table,
     jax_tree,
     leaf_sizes,
+    positive_int,
     time_cases,
 )
 
@@ -258,11 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       The exit status (0).
     """
     parser = argparse.ArgumentParser(prog="python -m jema.bench_scale", description=__doc__)
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per row")
-    parser.add_argument("--width", type=int, default=1536, help="MLP width for (e)")
-    parser.add_argument("--batch", type=int, default=64, help="batch size for (e)")
-    parser.add_argument("--params", type=int, default=25_000_000, help="weights for (f), (g)")
-    parser.add_argument("--leaves", type=int, default=100, help="leaves for (f), (g)")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs per row")
+    parser.add_argument("--width", type=positive_int, default=1536, help="MLP width for (e)")
+    parser.add_argument("--batch", type=positive_int, default=64, help="batch size for (e)")
+    parser.add_argument(
+        "--params", type=positive_int, default=25_000_000, help="weights for (f), (g)"
+    )
+    parser.add_argument("--leaves", type=positive_int, default=100, help="leaves for (f), (g)")
     parser.add_argument("--sharded-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sharded_only:

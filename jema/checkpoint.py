@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -60,7 +61,9 @@ def restore(directory: Directory, template: Any, *, step: int | None = None) -> 
       The restored state (the updated nnx objects, for an nnx template).
 
     Raises:
-      FileNotFoundError: when there is no checkpoint in ``directory``.
+      FileNotFoundError: when ``directory`` or the step does not exist (nothing is created).
+      ValueError: when the template's shapes or dtypes differ from the saved ones (restoring
+        would cast silently, e.g. a float32 EMA into a bfloat16 one).
 
     Example:
       >>> import tempfile, jax.numpy as jnp, optax, jema
@@ -72,12 +75,19 @@ def restore(directory: Directory, template: Any, *, step: int | None = None) -> 
       >>> int(jema.ema_count(restore(folder, state).opt_state))
       0
     """
+    if not isinstance(directory, ocp.CheckpointManager) and not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint folder {os.fspath(directory)!r}")
     with _manager(directory) as manager:
-        if step is None:
-            step = manager.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+        saved = sorted(manager.all_steps())
+        if step is None and not saved:
+            raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+        step = saved[-1] if step is None else step
+        if step not in saved:
+            raise FileNotFoundError(
+                f"no checkpoint step {step} in {manager.directory}; saved steps: {saved}"
+            )
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(template))
+        _check_like_saved(manager.item_metadata(step), abstract)
         restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     if _is_nnx(template):
         nnx.update(template, restored)
@@ -162,8 +172,48 @@ def _tree(state: Any) -> Any:
     return nnx.state(state) if _is_nnx(state) else state
 
 
+def _check_like_saved(metadata: Any, abstract: Any) -> None:
+    """Compare the template's leaves with the saved ones, by path (skipped without metadata)."""
+    tree = getattr(metadata, "tree", None)
+    if tree is None:
+        return
+    saved = _by_path(tree)
+    wanted = _by_path(abstract)
+    differ = sorted(
+        f"{path}: saved {tuple(saved[path].shape)} {saved[path].dtype}, template "
+        f"{tuple(w.shape)} {w.dtype}"
+        for path, w in wanted.items()
+        if path in saved
+        and (tuple(saved[path].shape) != tuple(w.shape) or jnp.dtype(saved[path].dtype) != w.dtype)
+    )
+    missing = sorted(set(wanted) - set(saved))
+    unexpected = sorted(set(saved) - set(wanted))
+    if differ or missing or unexpected:
+        raise ValueError(
+            "the template differs from the checkpoint (build it the same way as the saved state: "
+            f"model, optimizer, ema_dtype, attached batch statistics): shapes/dtypes {differ}, "
+            f"only in the template {missing[:10]}, only in the checkpoint {unexpected[:10]}"
+        )
+
+
+def _by_path(tree: Any) -> dict[str, Any]:
+    """Leaves keyed by a path that reads the same for a state and for orbax's metadata tree."""
+
+    def name(key: Any) -> str:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                return str(getattr(key, attribute))
+        return str(key)
+
+    return {
+        "/".join(name(k) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
 def _manager(directory: Directory) -> contextlib.AbstractContextManager[ocp.CheckpointManager]:
     """A caller's manager stays open; one made here is closed (its saves finished) on exit."""
     if isinstance(directory, ocp.CheckpointManager):
         return contextlib.nullcontext(directory)
-    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)))
+    path = os.path.abspath(os.fspath(directory))
+    return ocp.CheckpointManager(path, item_handlers=ocp.StandardCheckpointHandler())

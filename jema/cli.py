@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from jema.bench import positive_int
 from jema.demo import DemoConfig
 
 
@@ -26,14 +27,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     bench = commands.add_parser("bench", help="measure the EMA update's speed (prints a table)")
-    bench.add_argument("--repeats", type=int, default=20, help="timed runs per row")
+    bench.add_argument("--repeats", type=positive_int, default=20, help="timed runs per row")
 
     inspect = commands.add_parser("inspect", help="describe a PyTorch/safetensors checkpoint")
     inspect.add_argument("checkpoint", help="path to a .pth/.pt or .safetensors file")
 
     demo = commands.add_parser("demo", help="train a digits CNN with EMA; plot, checkpoints, .pth")
     defaults = DemoConfig()
-    demo.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the data")
+    demo.add_argument(
+        "--epochs", type=positive_int, default=defaults.epochs, help="passes over the data"
+    )
     demo.add_argument("--decay", type=float, default=defaults.decay, help="EMA decay, in (0, 1)")
     demo.add_argument("--decay-type", default=defaults.decay_type, help="registered schedule name")
     demo.add_argument("--out", default=defaults.out, help="output folder")

@@ -82,7 +82,6 @@ def run(config: DemoConfig) -> dict[str, Any]:
     """
     if not isinstance(config.epochs, int) or config.epochs < 1:
         raise ValueError(f"epochs must be a positive int; got {config.epochs!r}")
-    os.makedirs(config.out, exist_ok=True)
     data = load_digits_splits(seed=config.seed)
     steps_per_epoch = len(data[0]) // config.batch_size
     tx = jema.with_ema(
@@ -91,6 +90,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
         decay_type=config.decay_type,
         total_steps=config.epochs * steps_per_epoch,
     )
+    os.makedirs(config.out, exist_ok=True)  # only once the settings are known to be good
     summary: dict[str, Any] = {}
     teacher = None
     if config.kd:

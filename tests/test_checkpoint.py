@@ -1,6 +1,7 @@
 """Checkpoints: bitwise-exact resume through orbax (linen, nnx), SG-layout export with the EMA."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -169,3 +170,20 @@ def test_saving_an_existing_step_is_refused_and_keeps_the_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint step 5 already exists in .*ckpt"):
         save(tmp_path / "ckpt", 5, second)
     assert_bit_identical(restore(tmp_path / "ckpt", first), first)
+
+
+def test_restore_names_missing_steps_and_folders_and_creates_nothing(tmp_path):
+    state = linen_state()
+    save(tmp_path / "ckpt", 3, state)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint step 7 in .*; saved steps: \[3\]"):
+        restore(tmp_path / "ckpt", state, step=7)
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+        restore(tmp_path / "nowhere", state)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_restore_refuses_a_template_that_would_cast_or_drop_the_ema(tmp_path):
+    save(tmp_path / "ckpt", 0, linen_state())
+    bf16 = linen_state(ema_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"ema/.*saved \(.*\) float32, template \(.*\) bfloat16"):
+        restore(tmp_path / "ckpt", bf16)

@@ -71,13 +71,15 @@ def test_kd_demo_exports_student_and_teacher_keys(tmp_path):
             assert torch.equal(value, ckpt["ema_net"][key])  # the frozen teacher is not averaged
 
 
-def test_cli_rejects_a_bad_decay_with_a_clear_message(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "jema.cli", "demo", "--decay", "1.5", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 2
-    assert "decay must be a number strictly inside (0, 1); got 1.5" in result.stderr
-    assert not os.listdir(tmp_path)
+def test_cli_rejects_bad_settings_before_writing_anything(tmp_path):
+    out = str(tmp_path / "not-yet")
+    for args, message in (
+        (["demo", "--decay", "1.5", "--out", out], "decay must be a number strictly inside (0, 1)"),
+        (["demo", "--epochs", "0", "--out", out], "--epochs: must be a positive int; got '0'"),
+        (["bench", "--repeats", "0"], "--repeats: must be a positive int; got '0'"),
+    ):
+        command = [sys.executable, "-m", "jema.cli", *args]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+    assert not os.path.exists(out)

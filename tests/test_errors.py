@@ -154,3 +154,19 @@ def test_readers_with_two_ema_states():
 def test_jema_never_imports_torch():
     code = "import sys, jema, jema.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_batch_stats_or_params_of_another_shape_are_refused_not_broadcast():
+    tx = jema.ema_transform()
+    state = jema.attach_batch_stats(tx.init({"w": jnp.zeros(1)}), {"m": jnp.zeros(1)})
+    with pytest.raises(
+        ValueError,
+        match=r"batch_stats .* differ in shape .*\"\['m'\]: EMA \(1,\), given \(2, 3\)\"",
+    ):
+        tx.update(
+            {"w": jnp.zeros(1)}, state, {"w": jnp.zeros(1)}, batch_stats={"m": jnp.ones((2, 3))}
+        )
+    with pytest.raises(
+        ValueError, match=r"params .* differ in shape .*\"\['w'\]: EMA \(1,\), given \(3,\)\""
+    ):
+        tx.update({"w": jnp.ones(3)}, state, {"w": jnp.ones(3)})

@@ -140,11 +140,22 @@ def test_float32_ema_of_bfloat16_params_moves_below_bf16_resolution():
 
 
 def test_bfloat16_ema_does_not_round_the_decay_to_bfloat16():
-    p0, p1 = jnp.zeros(2, jnp.bfloat16), jnp.full(2, 1000.0, jnp.bfloat16)
+    p0, p1 = jnp.full(2, 3.0, jnp.bfloat16), jnp.full(2, 1000.0, jnp.bfloat16)
     state = run_ema(jema.ema_transform(0.999, "constant"), [p1], p0)
     ema = jema.ema_params(state)
     assert ema.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(ema, np.float32), 1.0, rtol=1e-2)
+    # float32 arithmetic, one rounding to bfloat16 at the end (bf16(0.999) would be 1.0)
+    expected = np.float32(3.0) * np.float32(0.999) + np.float32(1.0 - 0.999) * np.float32(1000.0)
+    np.testing.assert_array_equal(ema, jnp.full(2, expected, jnp.bfloat16))
+
+
+def test_one_minus_decay_reaches_a_float32_ema_of_bf16_params_unrounded():
+    p0, p1 = jnp.zeros(2, jnp.bfloat16), jnp.full(2, 1000.0, jnp.bfloat16)
+    state = run_ema(jema.ema_transform(0.999, "constant", ema_dtype=jnp.float32), [p1], p0)
+    # 1 - d formed in float64 as SG does, then float32: 0.001 (not float32's 0.00099998713)
+    np.testing.assert_array_equal(
+        jema.ema_params(state), np.float32(1.0 - 0.999) * np.float32(1000.0)
+    )
 
 
 def test_non_floating_leaves_keep_their_initial_value_and_none_passes():
