@@ -35,8 +35,12 @@ def load_checkpoint(
         safetensors file; read with ``weights_only=True``.
       template: linen variables, an nnx model or state (see ``torch_to_flax``).
       which: ``"auto"`` (``ema_net`` when present, else ``net``), ``"net"`` or ``"ema_net"``.
-      prefix: load one part of a composite checkpoint, e.g. ``"teacher."`` of a KD model.
-      strict, rename, match_by_order, cast: as in ``torch_to_flax``.
+      prefix: load one part of a composite checkpoint, e.g. ``"teacher."`` of a KD model, or
+        ``"net."`` for a flat safetensors file from elsewhere holding only ``net.<key>`` keys
+        (without the ``jema.sections`` marker ``save_checkpoint`` writes, such a file reads as a
+        bare state_dict, as a model whose only child is ``self.net`` would save it).
+      strict, rename, match_by_order, cast: as in ``torch_to_flax``, which also gives the
+        default names (``nnx.Sequential`` and ``nn.Sequential`` children both ``<name>.0``).
 
     Returns:
       The filled template (linen dicts or ``nnx.State``), or ``Converted(value, report)`` when
@@ -55,7 +59,8 @@ def load_checkpoint(
       >>> load_checkpoint(path, tmpl)["params"]["fc"]["bias"].shape
       (3,)
     """
-    state_dict = pick_section(read_checkpoint(path), which, path)
+    checkpoint = read_checkpoint(path)
+    state_dict = pick_section(checkpoint, which, path)
     try:
         return torch_to_flax(
             state_dict,
@@ -67,7 +72,18 @@ def load_checkpoint(
             cast=cast,
         )
     except ValueError as e:
-        raise ValueError(f"{os.fspath(path)} ({which}): {e}") from e
+        hint = ""
+        if prefix is None and state_dict is checkpoint and _all_under(state_dict, "net."):
+            hint = (
+                "; every key starts with 'net.' and the file is read as a bare state_dict: if "
+                "they are one SuperGradients section written flat, pass prefix='net.'"
+            )
+        raise ValueError(f"{os.fspath(path)} ({which}): {e}{hint}") from e
+
+
+def _all_under(state_dict: Mapping[str, Any], prefix: str) -> bool:
+    keys = [str(k).removeprefix("module.") for k in state_dict]
+    return bool(keys) and all(k.startswith(prefix) for k in keys)
 
 
 def save_checkpoint(
@@ -81,10 +97,12 @@ def save_checkpoint(
     """Writes Flax variables in SuperGradients' layout, atomically (temp file, then rename).
 
     ``.safetensors`` paths get flat ``net.<key>``/``ema_net.<key>`` tensors with ``extra`` as
-    JSON metadata; anything else is a ``torch.save`` dict ``{"net", "ema_net", **extra}`` that
-    ``torch.load(weights_only=True)`` reads: numpy/jax scalars in ``extra`` become Python numbers
-    and arrays become tensors. For a KD model, pass ``net={"student": s, "teacher": t}`` and a
-    template module with ``.student`` and ``.teacher`` to get ``student.*``/``teacher.*`` keys.
+    JSON metadata, plus ``{"jema.sections": "net,ema_net"}`` (the sections written) so the file
+    reads back as sections even with ``net`` alone; anything else is a ``torch.save`` dict
+    ``{"net", "ema_net", **extra}`` that ``torch.load(weights_only=True)`` reads: numpy/jax
+    scalars in ``extra`` become Python numbers and arrays become tensors. For a KD model, pass
+    ``net={"student": s, "teacher": t}`` and a template module with ``.student`` and
+    ``.teacher`` to get ``student.*``/``teacher.*`` keys.
 
     Args:
       path: the file to write.
@@ -94,7 +112,8 @@ def save_checkpoint(
       **extra: other entries, e.g. ``epoch=3, acc=0.91``.
 
     Raises:
-      ValueError: listing mismatches against the template.
+      ValueError: listing mismatches against the template; for a safetensors path, when
+        ``extra`` has the reserved key ``jema.sections``.
       TypeError: for ``extra`` values a safetensors file cannot hold as JSON.
 
     Example:

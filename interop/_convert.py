@@ -31,6 +31,20 @@ def torch_to_flax(
 ) -> Any:
     """Fills a Flax template from a PyTorch state_dict; the inputs are left untouched.
 
+    Each Flax leaf is looked for under its default PyTorch name: the module path joined by dots
+    (linen ``layers_0`` and nnx index ``0`` both give ``layers.0``), ``kernel``/``scale``/
+    ``embedding`` as ``weight`` and ``mean``/``var`` as ``running_mean``/``running_var``. An
+    ``nnx.Sequential`` keeps its children in a list ``layers`` that PyTorch's ``nn.Sequential``
+    does not have; in an nnx Module template that part is left out, so ``self.layers =
+    nnx.Sequential(...)`` gives ``layers.0.weight`` as ``self.layers = nn.Sequential(...)`` does.
+    Where module types are unknown (linen variables, nnx State), a name not found as is, e.g.
+    ``layers.layers.0.weight`` from a linen ``self.layers = nn.Sequential([...])`` in
+    ``setup``, is tried without each ``layers`` part followed by an index (``layers.0.weight``).
+    A linen ``nn.Sequential([...], name="layers")`` built inside ``@nn.compact`` registers its
+    layers on the parent as ``Dense_0``, ``BatchNorm_0``, ``Dense_1`` (each type numbered on its
+    own, no ``layers`` part): name them as PyTorch does, ``nn.Dense(8, name="layers_0")``, or
+    pass one rename rule per layer, e.g. ``{r"^layers\\.0\\.": "Dense.0."}``.
+
     Args:
       state_dict: PyTorch names -> tensors; a ``module.`` prefix on every key is dropped.
       template: linen variables (arrays or ``jax.ShapeDtypeStruct``), an nnx model or state, or
@@ -94,8 +108,9 @@ def flax_to_torch(
 ) -> Any:
     """Turns Flax variables into a PyTorch state_dict; the inputs are left untouched.
 
-    Without a template, names follow the default: module path joined by dots, linen
-    ``layers_0`` and nnx index ``0`` both become ``layers.0``; ``kernel``/``scale``/``embedding``
+    Without a template, names follow the default (see ``torch_to_flax``): module path joined by
+    dots, linen ``layers_0`` and nnx index ``0`` both become ``layers.0``, the ``layers`` list of
+    an ``nnx.Sequential`` in an nnx Module left out; ``kernel``/``scale``/``embedding``
     become ``weight``, ``mean``/``var`` become ``running_mean``/``running_var``, and each
     BatchNorm gets ``num_batches_tracked = 0``. With a template, the result has exactly its keys,
     order and dtypes, and its ``num_batches_tracked`` buffers, so strict ``load_state_dict``

@@ -16,14 +16,18 @@ import torch
 
 SECTIONS = ("net", "ema_net")
 BARE = "state_dict"  # what ``sections`` calls a bare state_dict
+MARKER = "jema.sections"  # safetensors metadata: the sections ``save_safetensors`` wrote
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     """Reads a checkpoint file the safe way.
 
     ``torch.save`` files load with ``weights_only=True`` (zip files memory-mapped). A safetensors
-    file whose every key starts with ``net.`` or ``ema_net.`` becomes sections
-    (``{"net": {...}, "ema_net": {...}}``); any other safetensors file is a bare state_dict.
+    file becomes sections (``{"net": {...}, "ema_net": {...}}``, keys without their
+    ``<section>.``) when its metadata has the ``jema.sections`` marker ``save_checkpoint`` writes
+    (e.g. ``"net,ema_net"``), or when every key starts with ``net.`` or ``ema_net.`` and both
+    occur; any other safetensors file, e.g. one whose keys all start with ``net.`` and no marker
+    (a model whose only child is ``self.net``), is a bare state_dict.
 
     Args:
       path: a ``torch.save`` file or a safetensors file (told apart by content, not name).
@@ -88,14 +92,29 @@ def _read_safetensors(path: str) -> dict[str, Any]:
     try:
         with safetensors.safe_open(path, framework="pt") as f:
             flat = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+            metadata = f.metadata() or {}
     except safetensors.SafetensorError as e:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
     heads = [key.partition(".") for key in flat]
-    if not (flat and all(dot and head in SECTIONS for head, dot, _ in heads)):
+    if MARKER in metadata:
+        listed = [s for s in metadata[MARKER].split(",") if s]
+        if not set(listed) <= set(SECTIONS):
+            raise ValueError(
+                f"{path}: metadata {MARKER!r} must list sections out of {list(SECTIONS)}; "
+                f"got {metadata[MARKER]!r}"
+            )
+    elif {head for head, dot, _ in heads if dot} == set(SECTIONS) and all(
+        dot and head in SECTIONS for head, dot, _ in heads
+    ):
+        listed = list(SECTIONS)
+    else:
         return flat
-    out: dict[str, Any] = {}
-    for (section, _, name), tensor in zip(heads, flat.values(), strict=True):
-        out.setdefault(section, {})[name] = tensor
+    out: dict[str, Any] = {section: {} for section in listed}
+    for (head, dot, name), (key, tensor) in zip(heads, flat.items(), strict=True):
+        if dot and head in out:
+            out[head][name] = tensor
+        else:
+            out[key] = tensor
     return out
 
 
@@ -241,12 +260,17 @@ def save_safetensors(
 ) -> None:
     """Writes flat ``<section>.<key>`` tensors and string metadata, atomically.
 
+    The metadata also gets ``{"jema.sections": "net,ema_net"}`` (the section names written), so
+    ``read_checkpoint`` splits the file into sections even when only ``net`` is there.
+
     Args:
       path: the file to write.
       sections: section names (``net``, ``ema_net``) -> state_dicts.
       metadata: strings -> strings, stored in the file's header.
 
     Raises:
+      ValueError: when ``sections`` names something other than ``net``/``ema_net``, or
+        ``metadata`` has the key ``jema.sections``.
       OSError: when the file cannot be written; ``path`` is then untouched.
 
     Example:
@@ -257,5 +281,11 @@ def save_safetensors(
       ...     list(read_checkpoint(path))
       ['net']
     """
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"sections must be out of {list(SECTIONS)}; got {unknown}")
+    if MARKER in metadata:
+        raise ValueError(f"metadata key {MARKER!r} is reserved for the section list; rename it")
     flat = {f"{s}.{k}": t for s, sd in sections.items() for k, t in sd.items()}
+    metadata = {**metadata, MARKER: ",".join(sections)}
     write_atomic(path, lambda temp: safetensors.torch.save_file(flat, temp, metadata=metadata))

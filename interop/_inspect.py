@@ -16,7 +16,8 @@ from interop._files import BARE, read_checkpoint, sections
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
     """Describes a checkpoint: sections, tensor and parameter counts, dtypes, other keys, and
-    for files with both ``net`` and ``ema_net`` their relative distance per layer.
+    for files with both ``net`` and ``ema_net`` their relative distance per layer, followed by
+    ``not compared (...)`` lines naming keys missing on one side or of different shapes.
 
     The file is read as ``load_checkpoint`` reads it (``weights_only=True``).
 
@@ -73,19 +74,38 @@ def _describe(value: Any) -> str:
 
 
 def _distances(net: Mapping[str, Any], ema: Mapping[str, Any]) -> list[str]:
+    """The table, then a line per kind of key left out: missing on one side or mis-shaped."""
     layers: dict[str, list[float]] = {}
+    missing, extra, shapes = [], [k for k in ema if k not in net], []
     for key, tensor in net.items():
         other = ema.get(key)
-        if not (isinstance(other, torch.Tensor) and tensor.is_floating_point()):
+        if not isinstance(other, torch.Tensor):
+            missing.append(key)
             continue
         if other.shape != tensor.shape:
+            shapes.append(f"{key} (net {tuple(tensor.shape)}, ema_net {tuple(other.shape)})")
+            continue
+        if not tensor.is_floating_point():
             continue
         a, b = to_numpy(tensor).astype(np.float64), to_numpy(other).astype(np.float64)
         sums = layers.setdefault(key.rpartition(".")[0] or key, [0.0, 0.0])
         sums[0] += float(np.sum((a - b) ** 2))
         sums[1] += float(np.sum(a**2))
     width = max((len(k) for k in layers), default=0)
-    return [f"  {layer:<{width}}  {_relative(d, n):.3e}" for layer, (d, n) in layers.items()]
+    lines = [f"  {layer:<{width}}  {_relative(d, n):.3e}" for layer, (d, n) in layers.items()]
+    for what, keys in (
+        ("missing in ema_net", missing),
+        ("missing in net", extra),
+        ("shape differs", shapes),
+    ):
+        if keys:
+            lines.append(f"not compared ({what}): {_few(keys)}")
+    return lines
+
+
+def _few(names: list[str], most: int = 10) -> str:
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def _relative(squared_diff: float, squared_norm: float) -> float:

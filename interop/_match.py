@@ -84,6 +84,30 @@ def _module_leaves(
     return tuple(found)
 
 
+_SEQUENTIAL_LIST = re.compile(r"(^|\.)layers\.(?=\d+\.)")
+
+
+def without_sequential_lists(name: str) -> str:
+    """A normalised name without each ``layers`` part followed by an index.
+
+    Sequential modules in Flax keep their children in a list called ``layers`` (linen
+    ``layers_0``, nnx ``layers`` then ``0``); PyTorch's ``nn.Sequential`` numbers them directly.
+
+    Args:
+      name: a normalised dotted name.
+
+    Returns:
+      The name PyTorch would give if each such ``layers`` list were a Sequential's.
+
+    Example:
+      >>> without_sequential_lists("head.layers.0.weight")
+      'head.0.weight'
+      >>> without_sequential_lists("layers.layers.2.bias")
+      'layers.2.bias'
+    """
+    return _SEQUENTIAL_LIST.sub(r"\1", name)
+
+
 def match(
     expected: Sequence[str],
     available: Sequence[str],
@@ -93,7 +117,10 @@ def match(
     """Pairs expected default names with available keys.
 
     Exact names come first (both sides normalised, so ``layers_0`` finds ``layers.0``), then
-    ``rules`` applied to what is left, then, with ``by_order``, what is still left in order.
+    names without the ``layers`` list a Sequential keeps its children in (``seq.layers.0.weight``
+    finds ``seq.0.weight``: a linen ``nn.Sequential`` assigned in ``setup``, or an nnx State,
+    whose module types are unknown), then ``rules`` applied to what is left, then, with
+    ``by_order``, what is still left in order.
 
     Args:
       expected: the default PyTorch names the Flax side needs, normalised.
@@ -119,6 +146,12 @@ def match(
         normal[normalise(key)] = key
     wanted = set(expected)
     pairs = {n: k for n, k in normal.items() if n in wanted}
+    used = set(pairs.values())
+    for name in expected:
+        key = normal.get(without_sequential_lists(name))
+        if name not in pairs and key is not None and key not in used:
+            pairs[name] = key
+            used.add(key)
     if rules:
         used = set(pairs.values())
         for key in available:

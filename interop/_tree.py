@@ -59,7 +59,8 @@ def flatten(variables: Any) -> Flat:
       new values, and whether the order is linen's first-call order.
 
     Raises:
-      TypeError: naming the type when the input is none of these.
+      TypeError: naming the type when the input is none of these, or saying it is empty when it
+        is a mapping holding no arrays (``{}``).
 
     Example:
       >>> import numpy as np
@@ -70,13 +71,22 @@ def flatten(variables: Any) -> Flat:
       {'params': {'fc': {'kernel': 1, 'bias': 2}}}
     """
     if isinstance(variables, nnx.Module):
-        variables = nnx.state(variables, (nnx.Param, nnx.BatchStat))
+        return _flatten_nnx(
+            nnx.state(variables, (nnx.Param, nnx.BatchStat)), _sequentials(variables)
+        )
     if isinstance(variables, nnx.State):
-        return _flatten_nnx(variables)
+        return _flatten_nnx(variables, frozenset())
     if isinstance(variables, Mapping) and "params" in variables:
         return _flatten_linen(variables)
     if isinstance(variables, Mapping) and variables and all(map(_is_variables, variables.values())):
         return _flatten_group(variables)
+    if isinstance(variables, Mapping) and not jax.tree.leaves(variables):
+        raise TypeError(
+            f"the Flax template (or variables) is empty, it holds no arrays: got {variables!r}. "
+            "Pass linen variables {'params': ..., 'batch_stats': ...} (model.init(key, x), or "
+            "jax.eval_shape(model.init, key, x) for shapes only), an nnx Module or State, or a "
+            "mapping of names to those"
+        )
     raise TypeError(
         f"expected linen variables {{'params': ..., 'batch_stats': ...}}, an nnx Module or "
         f"State, or a mapping of names to those; got {type(variables).__name__}"
@@ -114,10 +124,30 @@ def _flatten_linen(variables: Mapping) -> Flat:
     return Flat(leaves, lambda values: _nest(list(zip(paths, values, strict=True))), True)
 
 
-def _flatten_nnx(state: nnx.State) -> Flat:
+def _sequentials(module: nnx.Module) -> frozenset[Path]:
+    """The paths of the ``nnx.Sequential`` modules in ``module``, the root being ``()``."""
+    return frozenset(
+        tuple(path) for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Sequential)
+    )
+
+
+def _torch_module(path: Path, sequentials: frozenset[Path]) -> Path:
+    """``path`` without the ``layers`` list inside each ``nnx.Sequential``, as PyTorch names it.
+
+    ``nnx.Sequential`` keeps its children in ``.layers``, so a child's path is
+    ``(..., "layers", 0)`` where PyTorch's ``nn.Sequential`` has ``....0``.
+    """
+    return tuple(
+        part
+        for i, part in enumerate(path)
+        if not (part == "layers" and i + 1 < len(path) and path[:i] in sequentials)
+    )
+
+
+def _flatten_nnx(state: nnx.State, sequentials: frozenset[Path]) -> Flat:
     state = nnx.filter_state(state, (nnx.Param, nnx.BatchStat))
     items = _walk(nnx.to_pure_dict(state), ())
-    leaves = [Leaf(path, path[:-1], value) for path, value in items]
+    leaves = [Leaf(path, _torch_module(path[:-1], sequentials), value) for path, value in items]
     paths = [path for path, _ in items]
 
     def rebuild(values: list[Any]) -> nnx.State:

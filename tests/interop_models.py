@@ -342,6 +342,59 @@ class NnxConv1d(nnx.Module):
         return self.up(nnx.relu(self.bn(self.conv(x))))
 
 
+# ---- Sequential containers (not in TWINS: their default names differ by kind) ---------------
+
+
+class TorchSequential(tnn.Module):
+    """``self.layers = nn.Sequential(...)``, nested: keys ``layers.0.*`` ... ``layers.3.0.*``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = tnn.Sequential(
+            tnn.Linear(4, 8), tnn.ReLU(), tnn.BatchNorm1d(8), tnn.Sequential(tnn.Linear(8, 3))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class NnxSequential(nnx.Module):
+    """``self.layers = nnx.Sequential(...)``: state paths ``layers/layers/0/...``."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.layers = nnx.Sequential(
+            nnx.Linear(4, 8, rngs=rngs),
+            nnx.relu,
+            _nnx_bn(8, rngs),
+            nnx.Sequential(nnx.Linear(8, 3, rngs=rngs)),
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.layers(x)
+
+
+class LinenSequential(nn.Module):
+    """``self.layers = nn.Sequential([...])`` in ``setup``: ``layers/layers_0/...``."""
+
+    def setup(self) -> None:
+        self.layers = nn.Sequential(
+            [nn.Dense(8), nn.relu, _linen_bn(), nn.Sequential([nn.Dense(3)])]
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.layers(x)
+
+
+class LinenCompactSequential(nn.Module):
+    """``nn.Sequential([...], name="layers")`` inside ``@nn.compact``: the layers land on this
+    module as ``Dense_0``, ``BatchNorm_0``, ``Dense_1`` (no ``layers`` part at all)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        layers = [nn.Dense(8), nn.relu, _linen_bn(), nn.Sequential([nn.Dense(3)])]
+        return nn.Sequential(layers, name="layers")(x)
+
+
 # ---- the registry ---------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn as tnn
 
 import interop
+from interop._files import read_checkpoint
 from tests.interop_models import LinenCNN, LinenMLP, TorchCNN, TorchMLP, randomized
 
 X_CNN = np.zeros((1, 8, 8, 3), np.float32)
@@ -101,6 +102,76 @@ def test_bare_state_dict_with_a_net_submodule_is_not_a_section(tmp_path, suffix)
     _same(interop.load_checkpoint(path, NET_HEAD_T), state_dict, model)
     lines = interop.inspect_checkpoint(path).splitlines()
     assert lines[1:] == ["state_dict: 4 tensors, 67 parameters, dtypes float32 x4"]
+
+
+class TorchOnlyNet(tnn.Module):
+    """A model whose only child is ``self.net``: every key starts with ``net.``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tnn.Sequential(tnn.Linear(4, 8), tnn.BatchNorm1d(8))
+
+
+ONLY_NET_T = {
+    "params": {
+        "net": {
+            "layers_0": {"kernel": _abstract(4, 8), "bias": _abstract(8)},
+            "layers_1": {"scale": _abstract(8), "bias": _abstract(8)},
+        }
+    },
+    "batch_stats": {"net": {"layers_1": {"mean": _abstract(8), "var": _abstract(8)}}},
+}
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "pth"])
+def test_bare_state_dict_whose_keys_all_start_with_net(tmp_path, suffix) -> None:
+    model = randomized(TorchOnlyNet(), 4)
+    state_dict = dict(model.state_dict())
+    assert all(k.startswith("net.") for k in state_dict)
+    path = tmp_path / f"bare.{suffix}"
+    if suffix == "pth":
+        torch.save(state_dict, path)
+    else:
+        safetensors.torch.save_file(state_dict, path)
+    _same(interop.load_checkpoint(path, ONLY_NET_T), state_dict, model)
+    assert interop.inspect_checkpoint(path).splitlines()[1:] == [
+        "state_dict: 7 tensors, 73 parameters, dtypes float32 x6, int64 x1"
+    ]
+
+
+def test_our_safetensors_with_net_alone_reads_as_sections(tmp_path, models) -> None:
+    net, _ = models
+    path = tmp_path / "ckpt.safetensors"
+    net_vars = interop.torch_to_flax(net.state_dict(), MLP_T)
+    interop.save_checkpoint(path, net=net_vars, epoch=1)
+    with safetensors.safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"epoch": "1", "jema.sections": "net"}
+    assert list(read_checkpoint(path)) == ["net"]
+    _same(interop.load_checkpoint(path, MLP_T), net.state_dict(), net)
+    _same(interop.load_checkpoint(path, MLP_T, which="net"), net.state_dict(), net)
+    assert interop.inspect_checkpoint(path).splitlines()[1].startswith("net: 6 tensors")
+    with pytest.raises(ValueError, match="reserved"):
+        interop.save_checkpoint(path, net=net_vars, **{"jema.sections": "x"})
+
+
+def test_third_party_flat_net_file_loads_with_prefix(tmp_path, models) -> None:
+    net, _ = models
+    path = tmp_path / "flat.safetensors"
+    safetensors.torch.save_file({f"net.{k}": v for k, v in net.state_dict().items()}, path)
+    with pytest.raises(ValueError, match=r"every key starts with 'net\.'.*prefix='net\.'"):
+        interop.load_checkpoint(path, MLP_T)
+    _same(interop.load_checkpoint(path, MLP_T, prefix="net."), net.state_dict(), net)
+    assert interop.inspect_checkpoint(path).splitlines()[1].startswith("state_dict: 6 tensors")
+
+
+def test_safetensors_with_both_prefixes_and_no_marker_is_sections(tmp_path, models) -> None:
+    net, ema = models
+    path = tmp_path / "sg.safetensors"
+    flat = {f"net.{k}": v for k, v in net.state_dict().items()}
+    flat |= {f"ema_net.{k}": v for k, v in ema.state_dict().items()}
+    safetensors.torch.save_file(flat, path)
+    _same(interop.load_checkpoint(path, MLP_T), ema.state_dict(), net)
+    _same(interop.load_checkpoint(path, MLP_T, which="net"), net.state_dict(), net)
 
 
 def test_bare_state_dict_with_a_parameter_named_net(tmp_path) -> None:

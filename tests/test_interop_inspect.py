@@ -59,3 +59,25 @@ def test_command_line_refuses_unsafe_and_broken_files(tmp_path, capsys) -> None:
         assert main(["inspect", str(path)]) == 1
         err = capsys.readouterr().err
         assert message in err and str(path) in err
+
+
+def test_keys_left_out_of_the_distance_table_are_named(tmp_path) -> None:
+    net = dict(randomized(TorchMLP(), 1).state_dict())
+    ema = dict(net)
+    del ema["layers.1.bias"]
+    ema["layers.2.weight"] = torch.zeros(2, 16)
+    ema["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"net": net, "ema_net": ema}, path)
+    lines = interop.inspect_checkpoint(path).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("relative"))
+    assert [line.split()[0] for line in lines[start + 1 : start + 4]] == [
+        "layers.0",
+        "layers.1",
+        "layers.2",
+    ]
+    assert lines[start + 4 :] == [
+        "not compared (missing in ema_net): layers.1.bias",
+        "not compared (missing in net): extra.weight",
+        "not compared (shape differs): layers.2.weight (net (3, 16), ema_net (2, 16))",
+    ]

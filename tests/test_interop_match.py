@@ -177,6 +177,18 @@ def test_bad_inputs_are_type_errors() -> None:
         )
 
 
+@pytest.mark.parametrize("empty", [{}, {"student": {}}])
+def test_an_empty_template_is_called_empty(empty) -> None:
+    for convert in (lambda: interop.torch_to_flax({}, empty), lambda: interop.flax_to_torch(empty)):
+        with pytest.raises(TypeError) as e:
+            convert()
+        assert str(e.value).startswith(
+            f"the Flax template (or variables) is empty, it holds no arrays: got {empty!r}. "
+            "Pass linen variables {'params': ..., 'batch_stats': ...} (model.init(key, x)"
+        )
+        assert "got dict" not in str(e.value)
+
+
 def test_state_dict_errors_name_the_type_and_a_few_keys_not_the_value() -> None:
     with pytest.raises(TypeError) as e:
         interop.torch_to_flax(TorchMLP(), MLP_T)
