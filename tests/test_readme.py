@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+import jema
+
 README = pathlib.Path(__file__).parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
@@ -40,8 +42,13 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
     torch.save(
         {"net": net.state_dict(), "ema_net": ema_net.state_dict(), "epoch": 3}, "ckpt_best.pth"
     )
+    registry = dict(jema.EMA_DECAY_FUNCTIONS)  # an example registers "linear"
     namespace = {}
-    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), namespace)
+    try:
+        exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), namespace)
+    finally:
+        jema.EMA_DECAY_FUNCTIONS.clear()
+        jema.EMA_DECAY_FUNCTIONS.update(registry)
     if "ckpt_best.pth" in BLOCKS[index]:
         ema_net.eval()
         with torch.no_grad():
