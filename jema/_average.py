@@ -8,7 +8,13 @@ import jax
 import jax.numpy as jnp
 
 
-def _is_none(x: Any) -> bool:
+def is_none(x: Any) -> bool:
+    """The ``is_leaf`` that keeps ``None`` leaves in tree maps (as optax's masked leaves need).
+
+    Example:
+      >>> is_none(None), is_none(0.0)
+      (True, False)
+    """
     return x is None
 
 
@@ -31,7 +37,7 @@ def average_tree(ema: Any, new: Any, weights: tuple[jax.Array, jax.Array]) -> An
       >>> average_tree({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, (0.75, 0.25))["w"].tolist()
       [0.25, 0.25]
     """
-    return jax.tree.map(lambda e, n: _average_leaf(e, n, weights), ema, new, is_leaf=_is_none)
+    return jax.tree.map(lambda e, n: _average_leaf(e, n, weights), ema, new, is_leaf=is_none)
 
 
 def _average_leaf(ema: Any, new: Any, weights: tuple[jax.Array, jax.Array]) -> Any:

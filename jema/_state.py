@@ -38,7 +38,7 @@ def find_ema_state(opt_state: Any) -> WeightEmaState:
     if len(found) > 1:
         paths = sorted(jax.tree_util.keystr(p) for p, _ in found)
         raise ValueError(f"{len(found)} EMA states in this optimizer state, at {paths}; keep one.")
-    return _unwrap_variables(found[0][1])
+    return nnx.as_pure(found[0][1])
 
 
 def ema_params(opt_state: Any) -> Any:
@@ -130,7 +130,7 @@ def attach_batch_stats(opt_state: Any, batch_stats: Any) -> Any:
             "batch_stats is None; pass the model's statistics, e.g. variables['batch_stats']"
         )
     wider = _shared_float_dtype(find_ema_state(opt_state).ema)
-    copied = jax.tree.map(lambda x: _copy_at_least(x, wider), _unwrap_variables(batch_stats))
+    copied = jax.tree.map(lambda x: _copy_at_least(x, wider), nnx.as_pure(batch_stats))
     return jax.tree.map(
         lambda node: node._replace(batch_stats=copied) if _is_ema_state(node) else node,
         opt_state,
@@ -142,7 +142,7 @@ def _shared_float_dtype(ema: Any) -> jnp.dtype | None:
     """The one floating dtype of the EMA's leaves, or None when there is none or several."""
     dtypes = {
         jnp.dtype(leaf.dtype)
-        for leaf in jax.tree.leaves(_unwrap_variables(ema))
+        for leaf in jax.tree.leaves(ema)
         if jnp.issubdtype(leaf.dtype, jnp.floating)
     }
     return dtypes.pop() if len(dtypes) == 1 else None
@@ -162,11 +162,3 @@ def _is_ema_state(node: Any) -> bool:
 def _ema_states_with_paths(tree: Any) -> list[tuple[Any, WeightEmaState]]:
     leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_ema_state)
     return [(path, leaf) for path, leaf in leaves if _is_ema_state(leaf)]
-
-
-def _unwrap_variables(tree: Any) -> Any:
-    return jax.tree.map(
-        lambda x: x.get_value() if isinstance(x, nnx.Variable) else x,
-        tree,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )

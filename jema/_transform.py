@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from optax._src.base import NO_PARAMS_MSG
 
-from jema._average import average_tree
+from jema._average import average_tree, is_none
 from jema._schedule import resolve_decay_fn
 from jema._tree_checks import all_finite, check_same_structure
 
@@ -102,7 +102,7 @@ def ema_transform(
     def init_fn(params: optax.Params) -> WeightEmaState:
         if params is None:
             raise ValueError(NO_PARAMS_MSG)
-        ema = jax.tree.map(_copy_leaf(ema_dtype), params, is_leaf=lambda x: x is None)
+        ema = jax.tree.map(_copy_leaf(ema_dtype), params, is_leaf=is_none)
         return WeightEmaState(count=jnp.zeros([], jnp.int32), ema=ema, batch_stats=None)
 
     def update_fn(

@@ -7,9 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-
-def _is_none(x: Any) -> bool:
-    return x is None
+from jema._average import is_none
 
 
 def check_same_structure(attached: Any, given: Any, name: str) -> None:
@@ -36,9 +34,7 @@ def check_same_structure(attached: Any, given: Any, name: str) -> None:
             f"update(..., {name}=...) was given but the EMA holds no {name}: call "
             f"jema.attach_batch_stats(opt_state, {name}) once after tx.init(params)."
         )
-    if jax.tree.structure(attached, is_leaf=_is_none) != jax.tree.structure(
-        given, is_leaf=_is_none
-    ):
+    if jax.tree.structure(attached, is_leaf=is_none) != jax.tree.structure(given, is_leaf=is_none):
         raise ValueError(
             f"the {name} given to update have a different structure from the EMA's: "
             f"{_structure_diff(attached, given)}"
@@ -46,8 +42,8 @@ def check_same_structure(attached: Any, given: Any, name: str) -> None:
     shapes = sorted(
         f"{jax.tree_util.keystr(path)}: EMA {jnp.shape(a)}, given {jnp.shape(g)}"
         for (path, a), g in zip(
-            jax.tree_util.tree_leaves_with_path(attached, is_leaf=_is_none),
-            jax.tree.leaves(given, is_leaf=_is_none),
+            jax.tree_util.tree_leaves_with_path(attached, is_leaf=is_none),
+            jax.tree.leaves(given, is_leaf=is_none),
             strict=True,
         )
         if a is not None and jnp.shape(a) != jnp.shape(g)
@@ -79,7 +75,7 @@ def all_finite(*trees: Any) -> jax.Array:
 
 
 def _paths(tree: Any) -> set[str]:
-    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_none)
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_none)
     return {jax.tree_util.keystr(path) for path, _ in leaves}
 
 
