@@ -14,7 +14,7 @@ import torch
 from interop._dtypes import numpy_dtype, to_numpy, to_torch
 from interop._layouts import LEAVES, TORCH_ONLY, torch_shapes
 from interop._match import Unit, match, units
-from interop._names import Rename, compile_rename, strip_module
+from interop._names import Rename, compile_rename, few, strip_module
 from interop._report import Problems
 from interop._tree import flatten
 
@@ -199,7 +199,7 @@ def _select(state_dict: Mapping[str, Any], prefix: str | None) -> dict[str, str]
         hint = f"; a whole checkpoint? pass checkpoint[{min(whole)!r}]" if whole else ""
         raise TypeError(
             f"state_dict values must be tensors; {len(bad)} keys hold other values: "
-            f"{_few(bad)}{hint}"
+            f"{few([repr(n) for n in bad], most=5)}{hint}"
         )
     names = {s: k for k, s in strip_module(list(state_dict)).items()}
     if prefix is None:
@@ -209,11 +209,6 @@ def _select(state_dict: Mapping[str, Any], prefix: str | None) -> dict[str, str]
         heads = sorted({s.split(".", 1)[0] + "." for s in names})
         raise ValueError(f"no key starts with prefix {prefix!r}; the keys start with {heads}")
     return kept
-
-
-def _few(names: list[str], most: int = 5) -> str:
-    more = f" and {len(names) - most} more" if len(names) > most else ""
-    return ", ".join(repr(n) for n in names[:most]) + more
 
 
 def _unit_to_flax(

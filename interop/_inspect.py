@@ -12,6 +12,7 @@ import torch
 
 from interop._dtypes import to_numpy
 from interop._files import BARE, read_checkpoint, sections
+from interop._names import few
 
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
@@ -99,13 +100,8 @@ def _distances(net: Mapping[str, Any], ema: Mapping[str, Any]) -> list[str]:
         ("shape differs", shapes),
     ):
         if keys:
-            lines.append(f"not compared ({what}): {_few(keys)}")
+            lines.append(f"not compared ({what}): {few(keys, most=10)}")
     return lines
-
-
-def _few(names: list[str], most: int = 10) -> str:
-    more = f" and {len(names) - most} more" if len(names) > most else ""
-    return ", ".join(names[:most]) + more
 
 
 def _relative(squared_diff: float, squared_norm: float) -> float:

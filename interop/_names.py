@@ -119,3 +119,21 @@ def apply_rename(name: str, rules: Sequence[tuple[re.Pattern[str], str]]) -> str
     for pattern, replacement in rules:
         name = pattern.sub(replacement, name)
     return name
+
+
+def few(names: Sequence[str], most: int) -> str:
+    """The first ``most`` of ``names``, comma-separated, and how many more there are.
+
+    Args:
+      names: already formatted names (quote them first if the message should).
+      most: how many to show.
+
+    Returns:
+      A short text for an error or a report.
+
+    Example:
+      >>> few(["a", "b", "c"], most=2)
+      'a, b and 1 more'
+    """
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
