@@ -180,7 +180,9 @@ def add_case(sizes: Sequence[int]) -> Case:
     )
 
 
-def ema_case(sizes: Sequence[int]) -> Case:
+def ema_case(
+    sizes: Sequence[int], *, name: str = "(b) jema EMA update alone", where: Any = None
+) -> Case:
     """(b) jema's EMA update alone: ``tx.update(updates, state, params)``, jitted.
 
     The updates and the state are donated, so the updates passing through cost no copy
@@ -189,6 +191,9 @@ def ema_case(sizes: Sequence[int]) -> Case:
 
     Args:
       sizes: the leaves' lengths.
+      name: the row's label.
+      where: a device or sharding to place the trees on (``jax.device_put``); None for the
+        default device.
 
     Returns:
       The case; its carry is ``(updates, state, params)``; params stay fixed, so each run
@@ -201,11 +206,10 @@ def ema_case(sizes: Sequence[int]) -> Case:
     """
     tx = jema.ema_transform(DECAY, DECAY_TYPE)
     update = jax.jit(tx.update, donate_argnums=(0, 1))
-    params = jax_tree(sizes, 2)
-    carry = (jax_tree(sizes, 3, scale=1e-2), tx.init(params), params)
-    return Case(
-        "(b) jema EMA update alone", lambda c: (*jax.block_until_ready(update(*c)), c[2]), carry
-    )
+    params = jax.device_put(jax_tree(sizes, 2), where)
+    updates = jax.device_put(jax_tree(sizes, 3, scale=1e-2), where)
+    carry = (updates, jax.jit(tx.init)(params), params)
+    return Case(name, lambda c: (*jax.block_until_ready(update(*c)), c[2]), carry)
 
 
 def train_case(name: str, optimizer: optax.GradientTransformation, sizes: Sequence[int]) -> Case:

@@ -28,9 +28,11 @@ from flax import linen as nn
 import jema
 from jema.bench import (
     DECAY,
+    DECAY_TYPE,
     LEARNING_RATE,
     Case,
     Row,
+    ema_case,
     format_table,
     jax_tree,
     leaf_sizes,
@@ -183,28 +185,14 @@ def sharded_rows(params: int, leaves: int, repeats: int) -> list[Row]:
     mesh = jax.make_mesh((MESH_DEVICES,), ("data",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     sizes = [n - n % MESH_DEVICES for n in leaf_sizes(params, leaves)]
-    tx = jema.ema_transform(DECAY)
-    one, _ = _placed_update_case("(g) EMA update, 1 device", tx, sizes, jax.devices()[0])
-    mesh_case, mesh_update = _placed_update_case(
-        f"(g) EMA update, {MESH_DEVICES}-device mesh", tx, sizes, sharding
-    )
-    hlo = mesh_update.lower(*mesh_case.carry).compile().as_text()
+    one = ema_case(sizes, name="(g) EMA update, 1 device", where=jax.devices()[0])
+    mesh_case = ema_case(sizes, name=f"(g) EMA update, {MESH_DEVICES}-device mesh", where=sharding)
+    update = jax.jit(jema.ema_transform(DECAY, DECAY_TYPE).update, donate_argnums=(0, 1))
+    hlo = update.lower(*mesh_case.carry).compile().as_text()
     seconds = time_cases([one, mesh_case], repeats)
     collectives = [op for op in COLLECTIVES if op in hlo]
     note = f"collectives in the step: {', '.join(collectives) or 'none'}"
     return [Row(name, 1e3 * t, note if "mesh" in name else "") for name, t in seconds.items()]
-
-
-def _placed_update_case(
-    label: str, tx: optax.GradientTransformation, sizes: Sequence[int], where: Any
-) -> tuple[Case, Any]:
-    def place(tree: Any) -> Any:
-        return jax.device_put(tree, where)
-
-    update = jax.jit(tx.update, donate_argnums=(0, 1))
-    params = place(jax_tree(sizes, 2))
-    carry = (place(jax_tree(sizes, 3, scale=1e-2)), jax.jit(tx.init)(params), params)
-    return Case(label, lambda c: (*jax.block_until_ready(update(*c)), c[2]), carry), update
 
 
 def run(
