@@ -77,7 +77,8 @@ def test_matches_supergradients_model_ema_on_a_torch_model():
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sg_ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     floats = [k for k, v in sg_ema.items() if v.dtype.is_floating_point]
-    as_tree = lambda: {k: jnp.asarray(model.state_dict()[k].numpy()) for k in floats}  # noqa: E731
+    # a fresh numpy copy: JAX may read a host buffer after dispatch, when torch has moved on
+    as_tree = lambda: {k: jnp.asarray(model.state_dict()[k].numpy().copy()) for k in floats}  # noqa: E731
     tx = jema.ema_transform(0.99, "threshold")
     state = tx.init(as_tree())
     update = jax.jit(tx.update)
