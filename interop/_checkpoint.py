@@ -5,16 +5,34 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, Unpack, overload
 
 import jax
 import numpy as np
-import torch
 
-from interop._convert import flax_to_torch, torch_to_flax
+from interop._convert import Options, TorchTemplate, flax_to_torch, torch_to_flax
 from interop._dtypes import to_torch
-from interop._files import pick_section, read_checkpoint, save_safetensors, save_torch
+from interop._files import save_safetensors, save_torch
 from interop._names import Rename
+from interop._report import Converted
+from interop._schema import flat_section_hint, pick_section, read_checkpoint, to_safetensors
+
+
+@overload
+def load_checkpoint(
+    path: str | os.PathLike[str], template: Any, *, which: str = ..., prefix: str | None = ...,
+    strict: Literal[True] = ..., **options: Unpack[Options],
+) -> Any: ...  # fmt: skip
+@overload
+def load_checkpoint(
+    path: str | os.PathLike[str], template: Any, *, which: str = ..., prefix: str | None = ...,
+    strict: Literal[False], **options: Unpack[Options],
+) -> Converted: ...  # fmt: skip
+@overload
+def load_checkpoint(
+    path: str | os.PathLike[str], template: Any, *, which: str = ..., prefix: str | None = ...,
+    strict: bool, **options: Unpack[Options],
+) -> Any: ...  # fmt: skip
 
 
 def load_checkpoint(
@@ -72,18 +90,8 @@ def load_checkpoint(
             cast=cast,
         )
     except ValueError as e:
-        hint = ""
-        if prefix is None and state_dict is checkpoint and _all_under(state_dict, "net."):
-            hint = (
-                "; every key starts with 'net.' and the file is read as a bare state_dict: if "
-                "they are one SuperGradients section written flat, pass prefix='net.'"
-            )
+        hint = flat_section_hint(checkpoint, state_dict) if prefix is None else ""
         raise ValueError(f"{os.fspath(path)} ({which}): {e}{hint}") from e
-
-
-def _all_under(state_dict: Mapping[str, Any], prefix: str) -> bool:
-    keys = [str(k).removeprefix("module.") for k in state_dict]
-    return bool(keys) and all(k.startswith(prefix) for k in keys)
 
 
 def save_checkpoint(
@@ -91,7 +99,7 @@ def save_checkpoint(
     *,
     net: Any,
     ema_net: Any = None,
-    torch_template: torch.nn.Module | Mapping[str, torch.Tensor] | None = None,
+    torch_template: TorchTemplate | None = None,
     **extra: Any,
 ) -> None:
     """Writes Flax variables in SuperGradients' layout, atomically (temp file, then rename).
@@ -117,7 +125,7 @@ def save_checkpoint(
       TypeError: for ``extra`` values a safetensors file cannot hold as JSON.
 
     Example:
-      >>> import os, tempfile, jax.numpy as jnp
+      >>> import os, tempfile, jax.numpy as jnp, torch
       >>> net = {"params": {"fc": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}}
       >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pth")
       >>> save_checkpoint(path, net=net, epoch=1)
@@ -132,7 +140,7 @@ def save_checkpoint(
             metadata = {key: json.dumps(_plain(value)) for key, value in extra.items()}
         except TypeError as e:
             raise TypeError(f"safetensors metadata must be JSON; {e}") from e
-        save_safetensors(path, sections, metadata)
+        save_safetensors(path, *to_safetensors(sections, metadata))
     else:
         save_torch(path, {**sections, **{k: _plain(v, tensors=True) for k, v in extra.items()}})
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypedDict, Unpack, overload
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +12,38 @@ import numpy as np
 import torch
 
 from interop._dtypes import numpy_dtype, to_numpy, to_torch
-from interop._layouts import LEAVES, TORCH_ONLY, torch_shapes
-from interop._match import Unit, match, units
-from interop._names import Rename, compile_rename, few, strip_module
-from interop._report import Problems
-from interop._tree import flatten
+from interop._layouts import torch_shapes
+from interop._match import Unit, pair, units
+from interop._names import Rename, usable_names
+from interop._report import Converted, Problems, few
+from interop._tree import Flat, flatten
+
+TorchTemplate = torch.nn.Module | Mapping[str, torch.Tensor]
+
+
+class Options(TypedDict, total=False):
+    """The pairing and casting options every conversion takes (for the overloads' types)."""
+
+    rename: Rename | None
+    match_by_order: bool
+    cast: bool
+
+
+@overload
+def torch_to_flax(
+    state_dict: Mapping[str, torch.Tensor], template: Any, *, prefix: str | None = ...,
+    strict: Literal[True] = ..., **options: Unpack[Options],
+) -> Any: ...  # fmt: skip
+@overload
+def torch_to_flax(
+    state_dict: Mapping[str, torch.Tensor], template: Any, *, prefix: str | None = ...,
+    strict: Literal[False], **options: Unpack[Options],
+) -> Converted: ...  # fmt: skip
+@overload
+def torch_to_flax(
+    state_dict: Mapping[str, torch.Tensor], template: Any, *, prefix: str | None = ...,
+    strict: bool, **options: Unpack[Options],
+) -> Any: ...  # fmt: skip
 
 
 def torch_to_flax(
@@ -75,31 +102,39 @@ def torch_to_flax(
     """
     flat = flatten(template)
     _check_order(match_by_order, flat.ordered)
-    keys = _select(state_dict, prefix)
-    available = [k for k in keys if not _torch_only(k)]
-    unit_list = units(flat.leaves)
-    pairs = match(_expected(unit_list), available, compile_rename(rename), match_by_order)
-    problems = Problems()
+    pairing = pair(flat.leaves, _usable(state_dict, prefix), rename, match_by_order)
+    problems = Problems(unexpected=pairing.unused)
     values = [leaf.value for leaf in flat.leaves]
     index = {id(leaf): i for i, leaf in enumerate(flat.leaves)}
-    for unit in unit_list:
-        found = [pairs.get(n) for n in unit.names]
-        if None in found:
-            lacking = ", ".join(n for n, f in zip(unit.names, found, strict=True) if f is None)
-            problems.missing += [f"{leaf.label} (needs {lacking})" for leaf in unit.leaves]
-            continue
-        tensors = [state_dict[keys[k]] for k in found]
-        arrays = _unit_to_flax(unit, tensors, [keys[k] for k in found], problems, cast)
+    for unit, lacking in pairing.lacking:
+        problems.missing += [f"{leaf.label} (needs {', '.join(lacking)})" for leaf in unit.leaves]
+    for unit, keys in pairing.found:
+        arrays = _unit_to_flax(unit, [state_dict[k] for k in keys], keys, problems, cast)
         for leaf, array in zip(unit.leaves, arrays or (), strict=False):
             values[index[id(leaf)]] = array
-    used = set(pairs.values())
-    problems.unexpected += [keys[k] for k in available if k not in used]
     return problems.finish(flat.rebuild(values), strict, "the state_dict")
+
+
+@overload
+def flax_to_torch(
+    variables: Any, torch_template: TorchTemplate | None = ..., *,
+    strict: Literal[True] = ..., **options: Unpack[Options],
+) -> OrderedDict[str, torch.Tensor]: ...  # fmt: skip
+@overload
+def flax_to_torch(
+    variables: Any, torch_template: TorchTemplate | None = ..., *,
+    strict: Literal[False], **options: Unpack[Options],
+) -> Converted: ...  # fmt: skip
+@overload
+def flax_to_torch(
+    variables: Any, torch_template: TorchTemplate | None = ..., *,
+    strict: bool, **options: Unpack[Options],
+) -> OrderedDict[str, torch.Tensor] | Converted: ...  # fmt: skip
 
 
 def flax_to_torch(
     variables: Any,
-    torch_template: torch.nn.Module | Mapping[str, torch.Tensor] | None = None,
+    torch_template: TorchTemplate | None = None,
     *,
     rename: Rename | None = None,
     match_by_order: bool = False,
@@ -120,8 +155,10 @@ def flax_to_torch(
       variables: linen variables, an nnx model or state, or a mapping of names to those
         (``{"student": ..., "teacher": ...}`` gives ``student.*`` and ``teacher.*`` keys).
       torch_template: an ``nn.Module`` or its state_dict.
-      rename: ``{regex: replacement}`` rules turning template names into default names.
-      match_by_order: pair what is left in order (linen variables from an eager ``init``).
+      rename: ``{regex: replacement}`` rules turning template names into default names (with a
+        template only).
+      match_by_order: pair what is left in order (linen variables from an eager ``init``; with
+        a template only).
       strict: raise on any mismatch; else return ``Converted(state_dict, report)``, template
         keys that were not filled keeping the template's values.
       cast: convert to the template's dtypes instead of reporting differences.
@@ -130,7 +167,8 @@ def flax_to_torch(
       An ``OrderedDict`` of PyTorch names -> new tensors (or ``Converted`` when not strict).
 
     Raises:
-      ValueError: listing every missing, unexpected, mis-shaped or mis-typed key (strict).
+      ValueError: listing every missing, unexpected, mis-shaped or mis-typed key (strict);
+        naming ``rename`` or ``match_by_order`` when given without a template.
       TypeError: for inputs of the wrong kind.
 
     Example:
@@ -140,28 +178,21 @@ def flax_to_torch(
       {'layers.0.weight': (3, 2), 'layers.0.bias': (3,)}
     """
     flat = flatten(variables)
-    _check_order(match_by_order, flat.ordered)
-    unit_list = units(flat.leaves)
     if torch_template is None:
-        return Problems().finish(_default_state_dict(unit_list), strict, "")
+        _refuse_without_template(rename, match_by_order)
+        return Problems().finish(_default_state_dict(flat), strict, "")
+    _check_order(match_by_order, flat.ordered)
     template = _template_state_dict(torch_template)
-    keys = _select(template, None)
-    available = [k for k in keys if not _torch_only(k)]
-    pairs = match(_expected(unit_list), available, compile_rename(rename), match_by_order)
-    problems = Problems()
+    pairing = pair(flat.leaves, _usable(template), rename, match_by_order)
+    problems = Problems(missing=pairing.unused)
+    problems.unexpected += [leaf.label for unit, _ in pairing.lacking for leaf in unit.leaves]
     produced: dict[str, torch.Tensor] = {}
-    for unit in unit_list:
-        found = [pairs.get(n) for n in unit.names]
-        if None in found:
-            problems.unexpected += [leaf.label for leaf in unit.leaves]
-            continue
+    for unit, keys in pairing.found:
         arrays = unit.layout.to_torch([np.asarray(leaf.value) for leaf in unit.leaves])
-        for key, array in zip((keys[k] for k in found), arrays, strict=True):
+        for key, array in zip(keys, arrays, strict=True):
             tensor = _to_template(array, key, template[key], problems, cast)
             if tensor is not None:
                 produced[key] = tensor
-    matched = {keys[k] for k in pairs.values()}
-    problems.missing += [keys[k] for k in available if keys[k] not in matched]
     out = OrderedDict(
         (key, produced[key] if key in produced else tensor.detach().clone())
         for key, tensor in template.items()
@@ -177,16 +208,23 @@ def _check_order(match_by_order: bool, ordered: bool) -> None:
         )
 
 
-def _torch_only(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in TORCH_ONLY
+def _refuse_without_template(rename: Rename | None, match_by_order: bool) -> None:
+    ignored = [
+        name
+        for name, given in (("rename", rename is not None), ("match_by_order", match_by_order))
+        if given
+    ]
+    if ignored:
+        raise ValueError(
+            f"flax_to_torch got {' and '.join(ignored)} without a torch_template: they pair "
+            "template names with Flax's default names, and without a template the default "
+            "names are written as they are. Pass torch_template=your_module (or its "
+            f"state_dict), or drop {' and '.join(ignored)}"
+        )
 
 
-def _expected(unit_list: list[Unit]) -> list[str]:
-    return [name for unit in unit_list for name in unit.names]
-
-
-def _select(state_dict: Mapping[str, Any], prefix: str | None) -> dict[str, str]:
-    """Maps usable names (no ``module.``, no ``prefix``) to the original keys."""
+def _usable(state_dict: Mapping[str, Any], prefix: str | None = None) -> dict[str, str]:
+    """Checks that ``state_dict`` maps names to tensors; its usable names -> its keys."""
     if not isinstance(state_dict, Mapping):
         hint = "; pass its .state_dict()" if isinstance(state_dict, torch.nn.Module) else ""
         raise TypeError(
@@ -201,18 +239,11 @@ def _select(state_dict: Mapping[str, Any], prefix: str | None) -> dict[str, str]
             f"state_dict values must be tensors; {len(bad)} keys hold other values: "
             f"{few([repr(n) for n in bad], most=5)}{hint}"
         )
-    names = {s: k for k, s in strip_module(list(state_dict)).items()}
-    if prefix is None:
-        return names
-    kept = {s.removeprefix(prefix): k for s, k in names.items() if s.startswith(prefix)}
-    if not kept:
-        heads = sorted({s.split(".", 1)[0] + "." for s in names})
-        raise ValueError(f"no key starts with prefix {prefix!r}; the keys start with {heads}")
-    return kept
+    return usable_names(state_dict, prefix)
 
 
 def _unit_to_flax(
-    unit: Unit, tensors: list[torch.Tensor], keys: list[str], problems: Problems, cast: bool
+    unit: Unit, tensors: list[torch.Tensor], keys: Sequence[str], problems: Problems, cast: bool
 ) -> list[Any] | None:
     shapes = [tuple(leaf.value.shape) for leaf in unit.leaves]
     wanted = torch_shapes(unit.layout, shapes)
@@ -275,12 +306,11 @@ def _to_template(
     return to_torch(array.astype(want, copy=False))
 
 
-def _default_state_dict(unit_list: list[Unit]) -> OrderedDict[str, torch.Tensor]:
+def _default_state_dict(flat: Flat) -> OrderedDict[str, torch.Tensor]:
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for unit in unit_list:
+    for unit in units(flat.leaves):
         arrays = unit.layout.to_torch([np.asarray(leaf.value) for leaf in unit.leaves])
         out.update(zip(unit.names, map(to_torch, arrays), strict=True))
-        if unit.layout is LEAVES["var"]:
-            head = unit.names[0].rpartition(".")[0]
-            out[f"{head}.{TORCH_ONLY[0]}" if head else TORCH_ONLY[0]] = torch.tensor(0)
+        for name, (_, value) in zip(unit.torch_only, unit.layout.torch_only, strict=True):
+            out[name] = torch.tensor(value, dtype=torch.int64)
     return out

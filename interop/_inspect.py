@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from interop._dtypes import to_numpy
-from interop._files import BARE, read_checkpoint, sections
-from interop._names import few
+from interop._report import few
+from interop._schema import BARE, read_checkpoint, sections
 
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> str:

@@ -12,6 +12,9 @@ Each entry names a Flax module's leaves (relative paths), the PyTorch tensors th
 - Multi-head attention: Flax ``query``/``key``/``value`` kernels (E, H, D) and ``out`` (H, D, E)
   <-> PyTorch's packed ``in_proj_weight`` (3E, E) and ``out_proj.weight`` (E, E), with biases.
 - Any other leaf keeps its name and values (a bare ``nn.Parameter`` such as ``cls_token``).
+
+PyTorch buffers with no Flax twin (BatchNorm's ``num_batches_tracked``) belong to the entry
+whose module has them, with the value a new state_dict gives them; they stay on the PyTorch side.
 """
 
 from __future__ import annotations
@@ -24,9 +27,6 @@ import numpy as np
 Arrays = Sequence[np.ndarray]
 Shapes = Sequence[tuple[int, ...]]
 
-# PyTorch buffers with no Flax twin: kept on the PyTorch side only.
-TORCH_ONLY = ("num_batches_tracked",)
-
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -36,6 +36,7 @@ class Layout:
     torch: tuple[str, ...]
     to_torch: Callable[[Arrays], list[np.ndarray]]
     to_flax: Callable[[Arrays, Shapes], list[np.ndarray]]
+    torch_only: tuple[tuple[str, int], ...] = ()  # (relative name, int64 value when made anew)
 
 
 def _same(arrays: Arrays, shapes: Shapes = ()) -> list[np.ndarray]:
@@ -97,9 +98,30 @@ LEAVES: dict[str, Layout] = {
     "embedding": Layout((("embedding",),), ("weight",), _same, _same),
     "bias": Layout((("bias",),), ("bias",), _same, _same),
     "mean": Layout((("mean",),), ("running_mean",), _same, _same),
-    "var": Layout((("var",),), ("running_var",), _same, _same),
+    "var": Layout(
+        (("var",),), ("running_var",), _same, _same, torch_only=(("num_batches_tracked", 0),)
+    ),
 }
 MODULES: tuple[Layout, ...] = (_attention(bias=True), _attention(bias=False))
+_TORCH_ONLY = frozenset(
+    name for layout in (*LEAVES.values(), *MODULES) for name, _ in layout.torch_only
+)
+
+
+def is_torch_only(key: str) -> bool:
+    """Whether a PyTorch key names a buffer that has no Flax twin in any layout entry.
+
+    Args:
+      key: a state_dict key.
+
+    Returns:
+      True when its last part is such a buffer (e.g. ``num_batches_tracked``).
+
+    Example:
+      >>> is_torch_only("bn1.num_batches_tracked"), is_torch_only("bn1.running_var")
+      (True, False)
+    """
+    return key.rsplit(".", 1)[-1] in _TORCH_ONLY
 
 
 def for_leaf(name: str) -> Layout:

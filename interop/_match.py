@@ -1,23 +1,35 @@
-"""Pairing Flax leaves with PyTorch keys: by name, then rename rules, then (opt-in) by order."""
+"""Pairing Flax leaves with PyTorch keys: by name, then rename rules, then (opt-in) by order.
+
+Both directions pair through ``pair``, so a name found loading is the name written saving."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from interop._layouts import MODULES, Layout, for_leaf
-from interop._names import apply_rename, dotted, normalise
-from interop._tree import Leaf, Path
+from interop._layouts import MODULES, Layout, for_leaf, is_torch_only
+from interop._names import (
+    Path,
+    Rename,
+    apply_rename,
+    compile_rename,
+    dotted,
+    normalise,
+    without_sequential_lists,
+)
+from interop._tree import Leaf
 
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """Flax leaves converted together, with their default PyTorch names (same order as layout)."""
+    """Flax leaves converted together, with their default PyTorch names (same order as layout)
+    and those of the PyTorch-only buffers that go with them."""
 
     layout: Layout
     leaves: tuple[Leaf, ...]
     names: tuple[str, ...]
+    torch_only: tuple[str, ...]
 
 
 def units(leaves: Sequence[Leaf]) -> list[Unit]:
@@ -63,9 +75,8 @@ def units(leaves: Sequence[Leaf]) -> list[Unit]:
 
 
 def _unit(layout: Layout, module: Path, leaves: tuple[Leaf, ...]) -> Unit:
-    prefix = dotted(module)
-    names = tuple(f"{prefix}.{t}" if prefix else t for t in layout.torch)
-    return Unit(layout, leaves, names)
+    names = tuple(dotted((*module, t)) for t in layout.torch)
+    return Unit(layout, leaves, names, tuple(dotted((*module, t)) for t, _ in layout.torch_only))
 
 
 def _module_leaves(
@@ -82,30 +93,6 @@ def _module_leaves(
     if sum(len(by_module[s]) for s in subs) != len(found):
         return None
     return tuple(found)
-
-
-_SEQUENTIAL_LIST = re.compile(r"(^|\.)layers\.(?=\d+\.)")
-
-
-def without_sequential_lists(name: str) -> str:
-    """A normalised name without each ``layers`` part followed by an index.
-
-    Sequential modules in Flax keep their children in a list called ``layers`` (linen
-    ``layers_0``, nnx ``layers`` then ``0``); PyTorch's ``nn.Sequential`` numbers them directly.
-
-    Args:
-      name: a normalised dotted name.
-
-    Returns:
-      The name PyTorch would give if each such ``layers`` list were a Sequential's.
-
-    Example:
-      >>> without_sequential_lists("head.layers.0.weight")
-      'head.0.weight'
-      >>> without_sequential_lists("layers.layers.2.bias")
-      'layers.2.bias'
-    """
-    return _SEQUENTIAL_LIST.sub(r"\1", name)
 
 
 def match(
@@ -148,7 +135,7 @@ def match(
     pairs = {n: k for n, k in normal.items() if n in wanted}
     used = set(pairs.values())
     for name in expected:
-        key = normal.get(without_sequential_lists(name))
+        key = normal.get(".".join(map(str, without_sequential_lists(tuple(name.split("."))))))
         if name not in pairs and key is not None and key not in used:
             pairs[name] = key
             used.add(key)
@@ -163,3 +150,61 @@ def match(
         rest = [k for k in available if k not in used]
         pairs.update(zip([e for e in expected if e not in pairs], rest, strict=False))
     return pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairing:
+    """Units and the PyTorch keys they were paired with.
+
+    Attributes:
+      found: each unit whose names all found a key, with those keys (``unit.names`` order).
+      lacking: each other unit, with the names that found no key.
+      unused: the keys no unit took, in their order, PyTorch-only buffers left out.
+    """
+
+    found: list[tuple[Unit, tuple[str, ...]]]
+    lacking: list[tuple[Unit, tuple[str, ...]]]
+    unused: list[str]
+
+
+def pair(
+    leaves: Sequence[Leaf],
+    keys: Mapping[str, str],
+    rename: Rename | None = None,
+    by_order: bool = False,
+) -> Pairing:
+    """Groups Flax leaves into units and pairs their default names with PyTorch keys.
+
+    Args:
+      leaves: the leaves of ``flatten(variables)``.
+      keys: usable PyTorch names -> original keys (``usable_names``).
+      rename: rename rules turning PyTorch names into the Flax side's default names.
+      by_order: pair what is left in order (see ``match``).
+
+    Returns:
+      A ``Pairing`` with original keys.
+
+    Raises:
+      ValueError: when two keys are the same name once normalised, or for a bad rule.
+      TypeError: for ``rename`` of the wrong kind.
+
+    Example:
+      >>> import numpy as np
+      >>> from interop._tree import flatten
+      >>> leaves = flatten({"params": {"fc": {"kernel": np.zeros((2, 3))}}}).leaves
+      >>> pairing = pair(leaves, {"fc.weight": "module.fc.weight", "x.bias": "module.x.bias"})
+      >>> pairing.found[0][1], pairing.lacking, pairing.unused
+      (('module.fc.weight',), [], ['module.x.bias'])
+    """
+    unit_list = units(leaves)
+    available = [k for k in keys if not is_torch_only(k)]
+    expected = [name for unit in unit_list for name in unit.names]
+    pairs = match(expected, available, compile_rename(rename), by_order)
+    found, lacking = [], []
+    for unit in unit_list:
+        if all(n in pairs for n in unit.names):
+            found.append((unit, tuple(keys[pairs[n]] for n in unit.names)))
+        else:
+            lacking.append((unit, tuple(n for n in unit.names if n not in pairs)))
+    used = set(pairs.values())
+    return Pairing(found, lacking, [keys[k] for k in available if k not in used])

@@ -1,13 +1,18 @@
-"""Key names: Flax paths -> PyTorch-style dotted names, and PyTorch key clean-up."""
+"""Every naming rule: Flax paths -> PyTorch dotted names, Sequential lists, ``module.`` and
+user prefixes, and rename rules."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+Path = tuple[str | int, ...]
+Rename = Mapping[str, str] | Sequence[tuple[str, str]]
 
 # ``_<digits>`` ending a name part, alone or in a chain (``a_1_2`` -> ``a.1.2``).
 _INDEX = re.compile(r"_(\d+)(?=(?:_\d+)*(?:\.|$))")
-Rename = Mapping[str, str] | Sequence[tuple[str, str]]
+_MODULE = "module."  # what DataParallel puts in front of every key
+_LIST = "layers"  # where Flax's Sequential modules keep their children
 
 
 def normalise(name: str) -> str:
@@ -30,39 +35,111 @@ def normalise(name: str) -> str:
 
 
 def dotted(path: Iterable[str | int]) -> str:
-    """The default PyTorch name of a Flax module path.
+    """The default PyTorch name of a Flax path.
 
     Args:
-      path: linen keys or nnx attribute names and list indices.
+      path: linen keys or nnx attribute names and list indices, then maybe a tensor name.
 
     Returns:
       The parts joined by dots, normalised.
 
     Example:
-      >>> dotted(("layers_0", 1)), dotted(("layers", 0, 1))
-      ('layers.0.1', 'layers.0.1')
+      >>> dotted(("layers_0", 1)), dotted(("layers", 0, 1, "weight"))
+      ('layers.0.1', 'layers.0.1.weight')
     """
     return normalise(".".join(str(part) for part in path))
 
 
-def strip_module(keys: Sequence[str]) -> dict[str, str]:
-    """Drops the ``module.`` prefix that DataParallel puts on every key.
+def without_sequential_lists(
+    path: Path, is_sequential: Callable[[Path], bool] = lambda module: True
+) -> Path:
+    """``path`` without the ``layers`` list a Flax Sequential keeps its children in.
+
+    ``nnx.Sequential`` and linen's ``nn.Sequential`` hold their children in a list
+    ``layers`` (nnx ``("layers", 0)``, linen ``layers_0``), where PyTorch's
+    ``nn.Sequential`` numbers them directly (``0``). A ``layers`` part is left out when an
+    index and at least one more part follow it and the module it belongs to is a Sequential.
+
+    Args:
+      path: a module path and tensor name, e.g. ``("head", "layers", 0, "weight")``, or a
+        normalised dotted name split at the dots.
+      is_sequential: whether the module at a path prefix is a Sequential; by default every
+        module is taken for one (module types unknown).
+
+    Returns:
+      The path as PyTorch would name it.
+
+    Example:
+      >>> without_sequential_lists(("head", "layers", 0, "weight"))
+      ('head', 0, 'weight')
+      >>> ".".join(without_sequential_lists(tuple("layers.layers.2.bias".split("."))))
+      'layers.2.bias'
+      >>> without_sequential_lists(("layers", 0, "weight"), lambda module: False)
+      ('layers', 0, 'weight')
+    """
+    return tuple(
+        part
+        for i, part in enumerate(path)
+        if not (
+            part == _LIST
+            and i + 2 < len(path)
+            and str(path[i + 1]).isdigit()
+            and is_sequential(path[:i])
+        )
+    )
+
+
+def usable_names(keys: Iterable[str], prefix: str | None = None) -> dict[str, str]:
+    """The names PyTorch keys are matched by, mapped to the keys.
+
+    The ``module.`` prefix that DataParallel puts on every key is dropped (only when every key
+    has it); with ``prefix`` (e.g. ``"teacher."`` of a KD model), only keys starting with it
+    are kept, without it.
 
     Args:
       keys: state_dict keys.
+      prefix: the part of a composite state_dict to keep, or None for all of it.
 
     Returns:
-      Each key -> itself without ``module.`` when every key has it, else itself.
+      Usable name -> original key, in the keys' order.
+
+    Raises:
+      ValueError: when no key starts with ``prefix``, listing how the keys start.
 
     Example:
-      >>> strip_module(["module.fc.weight", "module.fc.bias"])
-      {'module.fc.weight': 'fc.weight', 'module.fc.bias': 'fc.bias'}
-      >>> strip_module(["module.fc.weight", "head.bias"])
-      {'module.fc.weight': 'module.fc.weight', 'head.bias': 'head.bias'}
+      >>> usable_names(["module.fc.weight", "module.fc.bias"])
+      {'fc.weight': 'module.fc.weight', 'fc.bias': 'module.fc.bias'}
+      >>> usable_names(["student.fc.bias", "teacher.fc.bias"], prefix="teacher.")
+      {'fc.bias': 'teacher.fc.bias'}
     """
-    if keys and all(k.startswith("module.") for k in keys):
-        return {k: k.removeprefix("module.") for k in keys}
-    return {k: k for k in keys}
+    keys = list(keys)
+    strip = bool(keys) and all(k.startswith(_MODULE) for k in keys)
+    names = {k.removeprefix(_MODULE) if strip else k: k for k in keys}
+    if prefix is None:
+        return names
+    kept = {s.removeprefix(prefix): k for s, k in names.items() if s.startswith(prefix)}
+    if not kept:
+        heads = sorted({s.split(".", 1)[0] + "." for s in names})
+        raise ValueError(f"no key starts with prefix {prefix!r}; the keys start with {heads}")
+    return kept
+
+
+def all_under(keys: Iterable[str], prefix: str) -> bool:
+    """Whether every usable name (``module.`` dropped) starts with ``prefix``.
+
+    Args:
+      keys: state_dict keys.
+      prefix: e.g. ``"net."``.
+
+    Returns:
+      True for a non-empty set of keys all starting with ``prefix``.
+
+    Example:
+      >>> all_under(["module.net.fc.weight", "module.net.fc.bias"], "net."), all_under([], "net.")
+      (True, False)
+    """
+    names = usable_names(str(k) for k in keys)
+    return bool(names) and all(name.startswith(prefix) for name in names)
 
 
 def compile_rename(rename: Rename | None) -> tuple[tuple[re.Pattern[str], str], ...]:
@@ -119,21 +196,3 @@ def apply_rename(name: str, rules: Sequence[tuple[re.Pattern[str], str]]) -> str
     for pattern, replacement in rules:
         name = pattern.sub(replacement, name)
     return name
-
-
-def few(names: Sequence[str], most: int) -> str:
-    """The first ``most`` of ``names``, comma-separated, and how many more there are.
-
-    Args:
-      names: already formatted names (quote them first if the message should).
-      most: how many to show.
-
-    Returns:
-      A short text for an error or a report.
-
-    Example:
-      >>> few(["a", "b", "c"], most=2)
-      'a, b and 1 more'
-    """
-    more = f" and {len(names) - most} more" if len(names) > most else ""
-    return ", ".join(names[:most]) + more

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 
@@ -92,3 +93,21 @@ class Problems:
                 "Pass rename={pattern: replacement}, match_by_order=True (linen) or strict=False."
             )
         return value
+
+
+def few(names: Sequence[str], most: int) -> str:
+    """The first ``most`` of ``names``, comma-separated, and how many more there are.
+
+    Args:
+      names: already formatted names (quote them first if the message should).
+      most: how many to show.
+
+    Returns:
+      A short text for an error or a report.
+
+    Example:
+      >>> few(["a", "b", "c"], most=2)
+      'a, b and 1 more'
+    """
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more

@@ -7,9 +7,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-from flax import nnx
+from flax import nnx, traverse_util
 
-Path = tuple[str | int, ...]
+from interop._names import Path, without_sequential_lists
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,31 +97,16 @@ def _is_variables(x: Any) -> bool:
     return isinstance(x, nnx.Module | nnx.State) or (isinstance(x, Mapping) and "params" in x)
 
 
-def _walk(tree: Mapping, prefix: Path) -> list[tuple[Path, Any]]:
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out += _walk(value, (*prefix, key))
-        else:
-            out.append(((*prefix, key), value))
-    return out
-
-
-def _nest(items: list[tuple[Path, Any]]) -> dict:
-    root: dict = {}
-    for path, value in items:
-        node = root
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return root
-
-
 def _flatten_linen(variables: Mapping) -> Flat:
-    items = _walk(variables, ())
-    leaves = [Leaf(path, path[1:-1], value) for path, value in items]
-    paths = [path for path, _ in items]
-    return Flat(leaves, lambda values: _nest(list(zip(paths, values, strict=True))), True)
+    # flatten_dict keeps linen's first-call order; jax.tree_util would sort the keys.
+    items = traverse_util.flatten_dict(variables)
+    leaves = [Leaf(path, path[1:-1], value) for path, value in items.items()]
+    paths = list(items)
+    return Flat(
+        leaves,
+        lambda values: traverse_util.unflatten_dict(dict(zip(paths, values, strict=True))),
+        True,
+    )
 
 
 def _sequentials(module: nnx.Module) -> frozenset[Path]:
@@ -131,31 +116,19 @@ def _sequentials(module: nnx.Module) -> frozenset[Path]:
     )
 
 
-def _torch_module(path: Path, sequentials: frozenset[Path]) -> Path:
-    """``path`` without the ``layers`` list inside each ``nnx.Sequential``, as PyTorch names it.
-
-    ``nnx.Sequential`` keeps its children in ``.layers``, so a child's path is
-    ``(..., "layers", 0)`` where PyTorch's ``nn.Sequential`` has ``....0``.
-    """
-    return tuple(
-        part
-        for i, part in enumerate(path)
-        if not (part == "layers" and i + 1 < len(path) and path[:i] in sequentials)
-    )
-
-
 def _flatten_nnx(state: nnx.State, sequentials: frozenset[Path]) -> Flat:
     state = nnx.filter_state(state, (nnx.Param, nnx.BatchStat))
-    items = _walk(nnx.to_pure_dict(state), ())
-    leaves = [Leaf(path, _torch_module(path[:-1], sequentials), value) for path, value in items]
-    paths = [path for path, _ in items]
+    items, treedef = jax.tree_util.tree_flatten_with_path(state)
+    leaves = []
+    for keys, value in items:
+        path = tuple(_part(k) for k in keys if not isinstance(k, jax.tree_util.GetAttrKey))
+        module = without_sequential_lists(path, sequentials.__contains__)[:-1]
+        leaves.append(Leaf(path, module, value))
+    return Flat(leaves, treedef.unflatten, False)
 
-    def rebuild(values: list[Any]) -> nnx.State:
-        new = jax.tree.map(lambda x: x, state)
-        nnx.replace_by_pure_dict(new, _nest(list(zip(paths, values, strict=True))))
-        return new
 
-    return Flat(leaves, rebuild, False)
+def _part(key: Any) -> str | int:
+    return key.idx if isinstance(key, jax.tree_util.SequenceKey) else key.key
 
 
 def _flatten_group(group: Mapping) -> Flat:

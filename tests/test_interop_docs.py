@@ -37,7 +37,7 @@ FUNCTIONS = _public_functions()
 
 def test_the_walk_finds_the_public_functions() -> None:
     names = {name for name, _ in FUNCTIONS}
-    assert {"_files.write_atomic", "_names.strip_module", "_report.Problems.finish"} <= names
+    assert {"_files.write_atomic", "_names.usable_names", "_report.Problems.finish"} <= names
 
 
 @pytest.mark.parametrize(("name", "function"), FUNCTIONS, ids=[n for n, _ in FUNCTIONS])

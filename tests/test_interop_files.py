@@ -14,7 +14,7 @@ import torch
 from torch import nn as tnn
 
 import interop
-from interop._files import read_checkpoint
+from interop._schema import read_checkpoint
 from tests.interop_models import LinenCNN, LinenMLP, TorchCNN, TorchMLP, randomized
 
 X_CNN = np.zeros((1, 8, 8, 3), np.float32)

@@ -8,10 +8,10 @@ import sys
 import torch
 
 import interop
-from jema.cli import main
+from jema._app.cli import main
 from tests.interop_models import TorchMLP, randomized
 
-COMMAND = [sys.executable, "-m", "jema.cli", "inspect"]
+COMMAND = [sys.executable, "-m", "jema", "inspect"]
 
 
 def test_inspect_reports_sections_counts_dtypes_and_distances(tmp_path) -> None:

@@ -223,3 +223,20 @@ def test_unknown_leaves_keep_their_names() -> None:
         model.state_dict(), {"params": {"cls_token": np.zeros((1, 4), np.float32)}}
     )
     assert torch.equal(interop.flax_to_torch(variables, model)["cls_token"], model.cls_token.data)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"rename": {"a": "b"}}, "rename"),
+        ({"match_by_order": True}, "match_by_order"),
+        ({"rename": [], "match_by_order": True}, "rename and match_by_order"),
+    ],
+)
+def test_flax_to_torch_refuses_pairing_options_it_would_ignore(kwargs, named) -> None:
+    variables = LinenMLP().init(jax.random.key(0), X_MLP)
+    with pytest.raises(ValueError) as e:
+        interop.flax_to_torch(variables, **kwargs)
+    assert str(e.value).startswith(f"flax_to_torch got {named} without a torch_template")
+    assert "Pass torch_template=" in str(e.value)
+    assert list(interop.flax_to_torch(variables)) == list(TorchMLP().state_dict())

@@ -21,7 +21,7 @@ from interop._checkpoint import _plain
 from interop._dtypes import to_numpy, to_torch
 from interop._layouts import LEAVES, MODULES, torch_shapes
 from interop._match import match
-from interop._names import apply_rename, compile_rename, dotted, normalise, strip_module
+from interop._names import apply_rename, compile_rename, dotted, normalise, usable_names
 
 DTYPES = [np.float32, np.float16, np.float64, ml_dtypes.bfloat16, np.int64, np.int8]
 dims = st.integers(1, 4)
@@ -95,14 +95,14 @@ keys = st.lists(st.from_regex(r"[a-z][a-z0-9_.]{0,10}", fullmatch=True), unique=
 
 
 @given(keys, st.booleans())
-def test_strip_module_drops_the_prefix_only_when_every_key_has_it(names, one_without) -> None:
+def test_module_prefix_is_dropped_only_when_every_key_has_it(names, one_without) -> None:
     prefixed = [f"module.{k}" for k in names]
     if one_without:
         prefixed.append("head.bias")
-        assert strip_module(prefixed) == {k: k for k in prefixed}
+        assert usable_names(prefixed) == {k: k for k in prefixed}
     else:
-        assert strip_module(prefixed) == dict(zip(prefixed, names, strict=True))
-    assert list(strip_module(prefixed)) == prefixed
+        assert usable_names(prefixed) == dict(zip(names, prefixed, strict=True))
+    assert list(usable_names(prefixed).values()) == prefixed
 
 
 text = st.text(alphabet="ab._01", max_size=8)

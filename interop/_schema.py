@@ -1,0 +1,187 @@
+"""SuperGradients' checkpoint schema: the ``net`` and ``ema_net`` sections, bare state_dicts,
+and, in safetensors files, ``<section>.<key>`` names and the ``jema.sections`` marker."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from interop._files import read_file
+from interop._names import all_under
+
+SECTIONS = ("net", "ema_net")
+BARE = "state_dict"  # what ``sections`` calls a bare state_dict
+MARKER = "jema.sections"  # safetensors metadata: the sections ``to_safetensors`` wrote
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Any:
+    """Reads a checkpoint file the safe way (see ``read_file``), as SuperGradients lays it out.
+
+    A safetensors file becomes sections (``{"net": {...}, "ema_net": {...}}``, keys without
+    their ``<section>.``) when its metadata has the ``jema.sections`` marker ``save_checkpoint``
+    writes (e.g. ``"net,ema_net"``), or when every key starts with ``net.`` or ``ema_net.`` and
+    both occur; any other safetensors file, e.g. one whose keys all start with ``net.`` and no
+    marker (a model whose only child is ``self.net``), is a bare state_dict.
+
+    Args:
+      path: a ``torch.save`` file or a safetensors file (told apart by content, not name).
+
+    Returns:
+      What the file holds: usually a dict of sections and other entries, or a state_dict.
+
+    Raises:
+      OSError: when the file cannot be opened.
+      ValueError: naming the file when it is unreadable, unsafe, or its marker lists sections
+        other than ``net`` and ``ema_net``.
+
+    Example:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as folder:
+      ...     path = os.path.join(folder, "ckpt.pth")
+      ...     torch.save({"net": {"fc.bias": torch.zeros(2)}, "epoch": 3}, path)
+      ...     read_checkpoint(path)["epoch"]
+      3
+    """
+    content, metadata = read_file(path)
+    if metadata is None:
+        return content
+    heads = [key.partition(".") for key in content]
+    if MARKER in metadata:
+        listed = [s for s in metadata[MARKER].split(",") if s]
+        if not set(listed) <= set(SECTIONS):
+            raise ValueError(
+                f"{os.fspath(path)}: metadata {MARKER!r} must list sections out of "
+                f"{list(SECTIONS)}; got {metadata[MARKER]!r}"
+            )
+    elif {head for head, dot, _ in heads if dot} == set(SECTIONS) and all(
+        dot and head in SECTIONS for head, dot, _ in heads
+    ):
+        listed = list(SECTIONS)
+    else:
+        return content
+    out: dict[str, Any] = {section: {} for section in listed}
+    for (head, dot, name), (key, tensor) in zip(heads, content.items(), strict=True):
+        if dot and head in out:
+            out[head][name] = tensor
+        else:
+            out[key] = tensor
+    return out
+
+
+def to_safetensors(
+    sections: Mapping[str, Mapping[str, torch.Tensor]], metadata: Mapping[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Sections as one flat safetensors dict, and the metadata with the section marker.
+
+    The marker ``{"jema.sections": "net,ema_net"}`` (the sections written) lets
+    ``read_checkpoint`` split the file into sections even when only ``net`` is there.
+
+    Args:
+      sections: section names (``net``, ``ema_net``) -> state_dicts.
+      metadata: strings -> strings.
+
+    Returns:
+      ``<section>.<key>`` -> tensor, and the metadata with the marker.
+
+    Raises:
+      ValueError: when ``sections`` names something other than ``net``/``ema_net``, or
+        ``metadata`` has the key ``jema.sections``.
+
+    Example:
+      >>> to_safetensors({"net": {"w": torch.ones(1)}}, {"epoch": "1"})
+      ({'net.w': tensor([1.])}, {'epoch': '1', 'jema.sections': 'net'})
+    """
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"sections must be out of {list(SECTIONS)}; got {unknown}")
+    if MARKER in metadata:
+        raise ValueError(f"metadata key {MARKER!r} is reserved for the section list; rename it")
+    flat = {f"{s}.{k}": t for s, sd in sections.items() for k, t in sd.items()}
+    return flat, {**metadata, MARKER: ",".join(sections)}
+
+
+def sections(checkpoint: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The state_dicts a checkpoint dict holds, by name.
+
+    Args:
+      checkpoint: a dict read by ``read_checkpoint``.
+
+    Returns:
+      The ``net`` and ``ema_net`` entries that are dicts, or ``{BARE: checkpoint}`` when there
+      are none and every value is a tensor (a bare state_dict), else ``{}``.
+
+    Example:
+      >>> list(sections({"net": {}, "ema_net": {}, "epoch": 3}))
+      ['net', 'ema_net']
+      >>> list(sections({"net": torch.ones(2), "head.bias": torch.ones(2)}))
+      ['state_dict']
+    """
+    found = {s: checkpoint[s] for s in SECTIONS if isinstance(checkpoint.get(s), Mapping)}
+    if not found and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return {BARE: checkpoint}
+    return found
+
+
+def pick_section(checkpoint: Any, which: str, path: str | os.PathLike[str]) -> Mapping[str, Any]:
+    """The state_dict to load from a checkpoint read from ``path``.
+
+    Args:
+      checkpoint: what ``read_checkpoint(path)`` returned.
+      which: ``"auto"`` (``ema_net`` when present, else ``net``, else a bare state_dict),
+        ``"net"`` or ``"ema_net"``.
+      path: the file, for error messages.
+
+    Returns:
+      The chosen section, or ``checkpoint`` itself when it is a bare state_dict.
+
+    Raises:
+      ValueError: for an unknown ``which``, a checkpoint that is not a dict, or a section the
+        file lacks (listing the keys it has).
+
+    Example:
+      >>> ckpt = {"net": {"w": torch.zeros(1)}, "ema_net": {"w": torch.ones(1)}}
+      >>> pick_section(ckpt, "auto", "ckpt.pth")
+      {'w': tensor([1.])}
+    """
+    if which not in ("auto", *SECTIONS):
+        raise ValueError(f"which must be 'auto', 'net' or 'ema_net'; got {which!r}")
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    found = sections(checkpoint)
+    keys = sorted(map(str, checkpoint))[:20]
+    if BARE in found:
+        if which == "ema_net":
+            raise ValueError(f"{path} is a bare state_dict with no 'ema_net'; use which='net'")
+        return checkpoint
+    if not found:
+        raise ValueError(f"{path} has no 'net' or 'ema_net' and is not a state_dict; keys: {keys}")
+    chosen = ("ema_net" if "ema_net" in found else "net") if which == "auto" else which
+    if chosen not in found:
+        raise ValueError(f"{path} has no {chosen!r}; its keys are {keys}")
+    return found[chosen]
+
+
+def flat_section_hint(checkpoint: Any, state_dict: Mapping[str, Any]) -> str:
+    """A hint for a file read as a bare state_dict whose keys all start with ``net.``.
+
+    Args:
+      checkpoint: what ``read_checkpoint`` returned.
+      state_dict: what ``pick_section`` chose from it.
+
+    Returns:
+      The hint to add to an error (starting with ``"; "``), or ``""``.
+
+    Example:
+      >>> sd = {"net.fc.bias": torch.zeros(1)}
+      >>> flat_section_hint(sd, sd).startswith("; every key starts with 'net.'")
+      True
+    """
+    if state_dict is not checkpoint or not all_under(state_dict, "net."):
+        return ""
+    return (
+        "; every key starts with 'net.' and the file is read as a bare state_dict: if "
+        "they are one SuperGradients section written flat, pass prefix='net.'"
+    )
