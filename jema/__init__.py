@@ -1,41 +1,77 @@
-"""jema: SuperGradients' exponential moving average of model weights, for JAX/Flax and optax."""
+"""jema: SuperGradients' exponential moving average of model weights, for JAX/Flax and optax.
 
-from jema import checkpoint, digits, kd, nnx
-from jema._decay import (
+``import jema`` loads jax, optax and jema's core only. The Flax integrations load on first
+use: ``jema.TrainState`` and ``jema.finalize`` (linen), ``jema.nnx``, ``jema.kd`` and
+``jema.checkpoint`` (orbax).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from jema._schedules import (
     EMA_DECAY_FUNCTIONS,
     ConstantDecay,
     ExpDecay,
     IDecayFunction,
     ThresholdDecay,
     constant,
-    exp,
     threshold,
 )
-from jema._state import attach_batch_stats, ema_batch_stats, ema_count, ema_params, find_ema_state
-from jema._transform import WeightEmaState, ema_transform, with_ema
-from jema.train_state import TrainState, finalize
+from jema._schedules import (
+    exp as exp,  # public as jema.exp; left out of __all__
+)
+from jema._state import (
+    WeightEmaState,
+    attach_batch_stats,
+    ema_batch_stats,
+    ema_count,
+    ema_params,
+    find_ema_state,
+)
+from jema._transform import ema_transform, with_ema
 
+if TYPE_CHECKING:
+    from jema import checkpoint as checkpoint
+    from jema import kd as kd
+    from jema import nnx as nnx
+    from jema.train_state import TrainState as TrainState
+    from jema.train_state import finalize as finalize
+
+_LAZY_MODULES = ("checkpoint", "kd", "nnx")
+_LAZY_NAMES = {"TrainState": "jema.train_state", "finalize": "jema.train_state"}
+
+# ``from jema import *`` binds the core only, so it loads no flax and hides no common name:
+# the lazy integrations (``nnx`` would hide ``flax.nnx``, ``TrainState`` flax's own) and
+# ``exp`` (``math.exp``, ``numpy.exp``) are reached as ``jema.<name>``.
 __all__ = [
     "EMA_DECAY_FUNCTIONS",
     "ConstantDecay",
     "ExpDecay",
     "IDecayFunction",
     "ThresholdDecay",
-    "TrainState",
     "WeightEmaState",
     "attach_batch_stats",
-    "checkpoint",
     "constant",
-    "digits",
     "ema_batch_stats",
     "ema_count",
     "ema_params",
     "ema_transform",
-    "exp",
-    "finalize",
     "find_ema_state",
-    "kd",
-    "nnx",
     "threshold",
     "with_ema",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load the Flax integrations on first use (PEP 562)."""
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"jema.{name}")
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+    raise AttributeError(f"module 'jema' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_MODULES, *_LAZY_NAMES})

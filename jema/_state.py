@@ -1,14 +1,29 @@
-"""Finding the EMA inside any optimizer state, reading it, and attaching batch statistics."""
+"""The EMA's state, finding it inside any optimizer state, reading it, attaching statistics."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
+import optax
 
-from jema._transform import WeightEmaState
+from jema._trees import copy_floating, pure, shared_float_dtype
+
+
+class WeightEmaState(NamedTuple):
+    """State of :func:`jema.ema_transform`.
+
+    Attributes:
+      count: optimizer steps so far, counting those ``every_k_steps`` does not average and
+        not those ``skip_nonfinite`` skips; the next step uses ``decay_fn(count + 1)``.
+      ema: the averaged weights, a tree shaped like the params, in the EMA dtype.
+      batch_stats: averaged BatchNorm statistics, or None until
+        :func:`jema.attach_batch_stats` gives the EMA its initial ones.
+    """
+
+    count: jax.Array  # shape=(), int32
+    ema: optax.Params  # tree of the params' shapes, ema_dtype (default: each param's dtype)
+    batch_stats: Any  # None, or a tree of the model's batch statistics' shapes
 
 
 def find_ema_state(opt_state: Any) -> WeightEmaState:
@@ -38,7 +53,7 @@ def find_ema_state(opt_state: Any) -> WeightEmaState:
     if len(found) > 1:
         paths = sorted(jax.tree_util.keystr(p) for p, _ in found)
         raise ValueError(f"{len(found)} EMA states in this optimizer state, at {paths}; keep one.")
-    return nnx.as_pure(found[0][1])
+    return pure(found[0][1])
 
 
 def ema_params(opt_state: Any) -> Any:
@@ -129,30 +144,13 @@ def attach_batch_stats(opt_state: Any, batch_stats: Any) -> Any:
         raise ValueError(
             "batch_stats is None; pass the model's statistics, e.g. variables['batch_stats']"
         )
-    wider = _shared_float_dtype(find_ema_state(opt_state).ema)
-    copied = jax.tree.map(lambda x: _copy_at_least(x, wider), nnx.as_pure(batch_stats))
+    wider = shared_float_dtype(find_ema_state(opt_state).ema)
+    copied = copy_floating(pure(batch_stats), wider, at_least=True)
     return jax.tree.map(
         lambda node: node._replace(batch_stats=copied) if _is_ema_state(node) else node,
         opt_state,
         is_leaf=_is_ema_state,
     )
-
-
-def _shared_float_dtype(ema: Any) -> jnp.dtype | None:
-    """The one floating dtype of the EMA's leaves, or None when there is none or several."""
-    dtypes = {
-        jnp.dtype(leaf.dtype)
-        for leaf in jax.tree.leaves(ema)
-        if jnp.issubdtype(leaf.dtype, jnp.floating)
-    }
-    return dtypes.pop() if len(dtypes) == 1 else None
-
-
-def _copy_at_least(x: Any, dtype: jnp.dtype | None) -> jax.Array:
-    x = jnp.asarray(x)
-    if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
-        return jnp.array(x, dtype=jnp.promote_types(x.dtype, dtype), copy=True)
-    return jnp.array(x, copy=True)
 
 
 def _is_ema_state(node: Any) -> bool:

@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax._src.base import NO_PARAMS_MSG
 
-from jema._average import average_tree, is_none
-from jema._schedule import resolve_decay_fn
-from jema._tree_checks import all_finite, check_same_structure
+from jema._schedules import check_every_k_steps, decay_weights_fn
+from jema._state import WeightEmaState
+from jema._trees import all_finite, average_tree, check_same_structure, copy_floating
 
-
-class WeightEmaState(NamedTuple):
-    """State of :func:`ema_transform`.
-
-    Attributes:
-      count: optimizer steps so far, counting those ``every_k_steps`` does not average and
-        not those ``skip_nonfinite`` skips; the next step uses ``decay_fn(count + 1)``.
-      ema: the averaged weights, a tree shaped like the params, in the EMA dtype.
-      batch_stats: averaged BatchNorm statistics, or None until
-        :func:`jema.attach_batch_stats` gives the EMA its initial ones.
-    """
-
-    count: jax.Array  # shape=(), int32
-    ema: optax.Params  # tree of the params' shapes, ema_dtype (default: each param's dtype)
-    batch_stats: Any  # None, or a tree of the model's batch statistics' shapes
+NO_PARAMS = (
+    "ema_transform requires the current value of parameters: pass them to update, "
+    "tx.update(grads, opt_state, params), and to init, tx.init(params)."
+)
+ATTACH_HINT = "call jema.attach_batch_stats(opt_state, batch_stats) once after tx.init(params)."
 
 
 def ema_transform(
@@ -83,26 +72,16 @@ def ema_transform(
       >>> [round(x, 6) for x in jema.ema_params(state)["w"].tolist()]  # 0.9 * 1 + 0.1 * 0.9
       [0.99, 0.99]
     """
-    decay_fn = resolve_decay_fn(decay, decay_type, total_steps, decay_kwargs)
+    every_k_steps = check_every_k_steps(every_k_steps)
+    weights_at = decay_weights_fn(decay, decay_type, total_steps, decay_kwargs, every_k_steps)
     ema_dtype = _check_ema_dtype(ema_dtype)
-    every_k_steps = _check_every_k_steps(every_k_steps)
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f"skip_nonfinite must be True or False; got {skip_nonfinite!r}")
 
-    def weights_at(step: jax.Array) -> tuple[jax.Array, jax.Array]:
-        d, one_minus_d = decay_fn(step)
-        if isinstance(every_k_steps, int) and every_k_steps == 1:
-            return d, one_minus_d
-        k_log_d = every_k_steps * jnp.log1p(-one_minus_d)
-        once = jnp.asarray(every_k_steps) == 1
-        return jnp.where(once, d, jnp.exp(k_log_d)), jnp.where(
-            once, one_minus_d, -jnp.expm1(k_log_d)
-        )
-
     def init_fn(params: optax.Params) -> WeightEmaState:
         if params is None:
-            raise ValueError(NO_PARAMS_MSG)
-        ema = jax.tree.map(_copy_leaf(ema_dtype), params, is_leaf=is_none)
+            raise ValueError(NO_PARAMS)
+        ema = copy_floating(params, ema_dtype)
         return WeightEmaState(count=jnp.zeros([], jnp.int32), ema=ema, batch_stats=None)
 
     def update_fn(
@@ -115,10 +94,10 @@ def ema_transform(
     ) -> tuple[optax.Updates, WeightEmaState]:
         del extra_args
         if params is None:
-            raise ValueError(NO_PARAMS_MSG)
+            raise ValueError(NO_PARAMS)
         check_same_structure(state.ema, params, "params")
         if batch_stats is not None:
-            check_same_structure(state.batch_stats, batch_stats, "batch_stats")
+            check_same_structure(state.batch_stats, batch_stats, "batch_stats", ATTACH_HINT)
         count = optax.safe_increment(state.count)
 
         def average(_: None) -> tuple[Any, Any]:
@@ -180,29 +159,3 @@ def _check_ema_dtype(ema_dtype: Any) -> jnp.dtype | None:
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(message)
     return dtype
-
-
-def _check_every_k_steps(every_k_steps: Any) -> int | jax.Array:
-    """``every_k_steps`` as a Python int, or as is when traced (``optax.inject_hyperparams``)."""
-    if isinstance(every_k_steps, jax.core.Tracer):
-        return every_k_steps
-    integral = isinstance(every_k_steps, (int, np.integer)) or (
-        isinstance(every_k_steps, (np.ndarray, jax.Array))
-        and every_k_steps.shape == ()
-        and jnp.issubdtype(every_k_steps.dtype, jnp.integer)
-    )
-    if isinstance(every_k_steps, bool) or not integral or int(every_k_steps) < 1:
-        raise ValueError(f"every_k_steps must be a positive int; got {every_k_steps!r}")
-    return int(every_k_steps)
-
-
-def _copy_leaf(ema_dtype: jnp.dtype | None):
-    def copy(x: Any) -> Any:
-        if x is None:
-            return None
-        x = jnp.asarray(x)
-        floating = jnp.issubdtype(x.dtype, jnp.floating)
-        dtype = ema_dtype if ema_dtype is not None and floating else None
-        return jnp.array(x, dtype=dtype, copy=True)
-
-    return copy

@@ -198,15 +198,8 @@ def _check_like_saved(metadata: Any, abstract: Any) -> None:
 
 def _by_path(tree: Any) -> dict[str, Any]:
     """Leaves keyed by a path that reads the same for a state and for orbax's metadata tree."""
-
-    def name(key: Any) -> str:
-        for attribute in ("key", "name", "idx"):
-            if hasattr(key, attribute):
-                return str(getattr(key, attribute))
-        return str(key)
-
     return {
-        "/".join(name(k) for k in path): leaf
+        jax.tree_util.keystr(path, simple=True, separator="/"): leaf
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
     }
 

@@ -15,7 +15,7 @@ import jax
 from flax import nnx
 
 from jema import _state
-from jema._swap import cast_like
+from jema._trees import cast_like
 
 
 def attach_batch_stats(optimizer: nnx.Optimizer, model: nnx.Module) -> None:

@@ -9,7 +9,7 @@ import optax
 from flax.training import train_state
 
 from jema._state import attach_batch_stats, ema_batch_stats, ema_params, find_ema_state
-from jema._swap import cast_like, fill_masked
+from jema._trees import cast_like, fill_masked
 
 
 class TrainState(train_state.TrainState):
@@ -102,6 +102,11 @@ class TrainState(train_state.TrainState):
         """
         if batch_stats is None:
             return super().apply_gradients(grads=grads, **kwargs)
+        if ema_batch_stats(self.opt_state) is None:
+            raise ValueError(
+                "apply_gradients(batch_stats=...) was given but the EMA holds no batch_stats: "
+                "build the state with TrainState.create(..., batch_stats=variables['batch_stats'])."
+            )
         updates, opt_state = self.tx.update(
             grads, self.opt_state, self.params, batch_stats=batch_stats
         )

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jema import bench
+from jema._app import bench
 from tests.sg_reference import sg_ema_replay, sg_threshold
 
 

@@ -3,7 +3,8 @@
 import numpy as np
 
 import jema
-from jema.bench_scale import _sharded_in_subprocess, sparse_ema_case
+from jema._app import bench
+from jema._app.bench_scale import _sharded_in_subprocess, sparse_ema_case
 from tests.sg_reference import sg_ema_replay, sg_threshold
 
 
@@ -12,7 +13,7 @@ def test_sparse_case_averages_every_kth_step_with_the_powered_decay():
     updates, _, params = (np.array(x["w000"]) if isinstance(x, dict) else x for x in case.carry)
     case.carry = case.step(case.carry)  # donates the updates and the state
     new = params + updates
-    decays = {s: sg_threshold(jema.bench.DECAY, s) ** 4 for s in (4, 8, 12, 16)}
+    decays = {s: sg_threshold(bench.DECAY, s) ** 4 for s in (4, 8, 12, 16)}
     expected = sg_ema_replay(params, [new] * 4, lambda i: decays[4 * i])
     np.testing.assert_allclose(jema.ema_params(case.carry[1])["w000"], expected, rtol=2e-6)
 

@@ -139,3 +139,42 @@ def test_complements_match_one_minus_the_float64_decay(decay, step, total):
         schedule = jema.EMA_DECAY_FUNCTIONS[name]()
         got = float(schedule.complement(decay, jnp.int32(step), total))
         np.testing.assert_allclose(got, 1.0 - sg(decay, step, total), rtol=2e-6, atol=1e-12)
+
+
+@given(x=st.floats(allow_nan=True), low=st.floats(-10, 10), width=st.floats(0.1, 10))
+def test_real_inside_is_the_open_interval_test(x, low, width):
+    from jema._schedules import real_inside
+
+    high = low + width
+    expected = x if low < x < high else None
+    assert real_inside(x, low, high) == expected
+    assert real_inside(np.float32(0.5), 0, 1) == 0.5 and real_inside(jnp.int32(3), 0, 4) == 3.0
+    assert real_inside(True, 0, 2) is None and real_inside(np.ones(1), 0, 2) is None
+
+
+@given(k=st.integers(-5, 10**6))
+def test_every_k_steps_check_takes_positive_integers_only(k):
+    from jema._schedules import check_every_k_steps
+
+    if k >= 1:
+        assert check_every_k_steps(k) == k == check_every_k_steps(np.int64(k))
+    else:
+        with pytest.raises(ValueError, match="every_k_steps must be a positive int"):
+            check_every_k_steps(k)
+    with pytest.raises(ValueError, match="every_k_steps must be a positive int"):
+        check_every_k_steps(float(max(k, 1)))
+
+
+@given(
+    decay=decays,
+    step=steps,
+    k=st.integers(1, 64),
+    decay_type=st.sampled_from(["constant", "threshold"]),
+)
+def test_every_k_weights_are_the_kth_power_and_its_complement(decay, step, k, decay_type):
+    from jema._schedules import decay_weights_fn
+
+    d, one_minus_d = decay_weights_fn(decay, decay_type, None, {}, k)(jnp.int32(step))
+    base = sg_constant(decay, step) if decay_type == "constant" else sg_threshold(decay, step)
+    np.testing.assert_allclose(float(d), base**k, rtol=2e-5)
+    np.testing.assert_allclose(float(one_minus_d), -np.expm1(k * np.log(base)), rtol=2e-5)

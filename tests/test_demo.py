@@ -13,8 +13,8 @@ import torch
 
 import interop
 import jema
-from jema._demo_models import DigitsCNN
-from jema.demo import DemoConfig, run
+from jema._app.models import DigitsCNN
+from jema._app.demo import DemoConfig, run
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_cli_rejects_bad_settings_before_writing_anything(tmp_path):
         (["demo", "--epochs", "0", "--out", out], "--epochs: must be a positive int; got '0'"),
         (["bench", "--repeats", "0"], "--repeats: must be a positive int; got '0'"),
     ):
-        command = [sys.executable, "-m", "jema.cli", *args]
+        command = [sys.executable, "-m", "jema", *args]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         assert result.returncode == 2, result.stderr
         assert message in result.stderr

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jema.digits import batches, load_digits_splits
+from jema._app.digits import batches, load_digits_splits
 
 
 def test_split_is_disjoint_deterministic_and_scaled():

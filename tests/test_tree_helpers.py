@@ -8,9 +8,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from jema._average import average_tree
-from jema._swap import cast_like, fill_masked
-from jema._tree_checks import all_finite, check_same_structure
+from jema._trees import (
+    all_finite,
+    average_tree,
+    cast_like,
+    check_same_structure,
+    compute_dtype,
+    copy_floating,
+    fill_masked,
+    pure,
+    shared_float_dtype,
+)
 
 floats = st.floats(-1e6, 1e6, width=32, allow_subnormal=False)  # XLA:CPU flushes them
 vectors = hnp.arrays(np.float32, 4, elements=floats)
@@ -75,3 +83,41 @@ def test_fill_masked_and_cast_like_build_raw_shaped_new_arrays(raw, ema, masked)
     np.testing.assert_array_equal(cast["b"], ema)
     assert cast["b"].unsafe_buffer_pointer() != ema_tree["b"].unsafe_buffer_pointer()
     assert cast_like(None, None) is None
+
+
+float_dtypes = st.sampled_from([jnp.bfloat16, jnp.float16, jnp.float32])
+
+
+@given(
+    leaf=float_dtypes,
+    target=float_dtypes,
+    at_least=st.booleans(),
+    values=hnp.arrays(np.float32, 4, elements=st.floats(-6e4, 6e4, width=16)),
+)
+def test_copy_floating_casts_or_promotes_floats_and_keeps_the_rest(leaf, target, at_least, values):
+    tree = {"w": jnp.asarray(values, leaf), "n": jnp.arange(3), "gone": None}
+    out = copy_floating(tree, target, at_least=at_least)
+    wanted = jnp.promote_types(leaf, target) if at_least else jnp.dtype(target)
+    assert out["w"].dtype == wanted and out["n"].dtype == tree["n"].dtype and out["gone"] is None
+    np.testing.assert_array_equal(out["w"], tree["w"].astype(wanted))
+    assert out["w"].unsafe_buffer_pointer() != tree["w"].unsafe_buffer_pointer()
+    assert copy_floating(tree)["w"].dtype == jnp.dtype(leaf)
+
+
+@given(dtypes=st.lists(float_dtypes, min_size=1, max_size=4))
+def test_shared_float_dtype_is_the_one_float_dtype_or_none(dtypes):
+    tree = [jnp.zeros(1, d) for d in dtypes] + [jnp.zeros(1, jnp.int32)]
+    expected = jnp.dtype(dtypes[0]) if len(set(map(jnp.dtype, dtypes))) == 1 else None
+    assert shared_float_dtype(tree) == expected
+
+
+@given(dtype=st.sampled_from([jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64]))
+def test_compute_dtype_is_at_least_float32(dtype):
+    assert compute_dtype(dtype) == (jnp.float64 if dtype == jnp.float64 else jnp.float32)
+
+
+def test_pure_unwraps_nnx_variables_and_leaves_plain_trees():
+    from flax import nnx
+
+    assert pure({"w": 1.0}) == {"w": 1.0}
+    assert pure({"w": nnx.Param(jnp.ones(2))})["w"].tolist() == [1.0, 1.0]

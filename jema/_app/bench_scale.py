@@ -1,6 +1,6 @@
 """Speed of the EMA at scale: a real train step, sparse updates, and a sharded update.
 
-Run ``python -m jema.bench_scale``. It prints a markdown table with:
+Run ``python -m jema bench-scale`` (or ``jema bench-scale``). It prints a markdown table with:
 
 - (e) a jitted train step (forward, backward, adam) of a ~10M-parameter MLP, with and without
   the EMA, and their ratio;
@@ -26,7 +26,7 @@ import optax
 from flax import linen as nn
 
 import jema
-from jema.bench import (
+from jema._app.bench import (
     DECAY,
     DECAY_TYPE,
     LEARNING_RATE,
@@ -164,7 +164,7 @@ def measure(width: int, batch: int, params: int, leaves: int, repeats: int) -> l
     return rows
 
 
-def sharded_rows(params: int, leaves: int, repeats: int) -> list[Row]:
+def _sharded_rows(params: int, leaves: int, repeats: int) -> list[Row]:
     """(g) the EMA update alone on a 1-device placement vs an 8-device FSDP-style mesh.
 
     Must run in a process with 8 devices (see :func:`main`).
@@ -195,7 +195,7 @@ def sharded_rows(params: int, leaves: int, repeats: int) -> list[Row]:
     return [Row(name, 1e3 * t, note if "mesh" in name else "") for name, t in seconds.items()]
 
 
-def run(
+def _run(
     repeats: int = 10,
     width: int = 1536,
     batch: int = 64,
@@ -227,7 +227,7 @@ def run(
 def _sharded_in_subprocess(params: int, leaves: int, repeats: int) -> list[Row]:
     flags = f"--xla_force_host_platform_device_count={MESH_DEVICES}"
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
-    command = [sys.executable, "-m", "jema.bench_scale", "--sharded-only"]
+    command = [sys.executable, "-m", "jema._app.bench_scale", "--sharded-only"]
     command += ["--repeats", str(repeats), "--params", str(params), "--leaves", str(leaves)]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     rows = []
@@ -238,15 +238,22 @@ def _sharded_in_subprocess(params: int, leaves: int, repeats: int) -> list[Row]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jema.bench_scale [--repeats N] [--width W] [--params P] [--leaves L]``.
+    """``python -m jema bench-scale [--repeats N] [--width W] [--params P] [--leaves L]``.
 
     Args:
       argv: the arguments; None reads ``sys.argv``.
 
     Returns:
       The exit status (0).
+
+    Example:
+      >>> main("--repeats 1 --width 8 --batch 2 --params 1000 --leaves 4".split())
+      ... # doctest: +ELLIPSIS
+      jema bench_scale: median of 1 runs; ...
+      | (g) EMA update, 8-device mesh | ... | collectives in the step: none |  |  |
+      0
     """
-    parser = argparse.ArgumentParser(prog="python -m jema.bench_scale", description=__doc__)
+    parser = argparse.ArgumentParser(prog="jema bench-scale", description=__doc__)
     parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs per row")
     parser.add_argument("--width", type=positive_int, default=1536, help="MLP width for (e)")
     parser.add_argument("--batch", type=positive_int, default=64, help="batch size for (e)")
@@ -257,10 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sharded-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sharded_only:
-        for row in sharded_rows(args.params, args.leaves, args.repeats):
+        for row in _sharded_rows(args.params, args.leaves, args.repeats):
             print(f"{row.name}\t{row.ms}\t{row.rate}")
         return 0
-    run(args.repeats, args.width, args.batch, args.params, args.leaves)
+    _run(args.repeats, args.width, args.batch, args.params, args.leaves)
     return 0
 
 

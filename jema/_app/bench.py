@@ -1,6 +1,6 @@
 """Speed of jema's EMA update against a streaming reference, optax adam and PyTorch.
 
-Run ``python -m jema.bench`` (or ``jema bench``). On a tree of ``--params`` float32 weights
+Run ``python -m jema bench`` (or ``jema bench``). On a tree of ``--params`` float32 weights
 split into ``--leaves`` leaves it prints a markdown table with:
 
 - (a) a donated, jitted ``a + b`` over the tree: 3 memory streams, the bandwidth reference;
@@ -110,6 +110,9 @@ def leaf_sizes(params: int, leaves: int) -> list[int]:
 
     Returns:
       ``leaves`` sizes summing to ``params``, the larger ones first.
+
+    Raises:
+      ValueError: when ``leaves < 1`` or ``params < leaves``.
 
     Example:
       >>> leaf_sizes(10, 3)
@@ -444,7 +447,7 @@ def _jax_threads() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jema.bench [--repeats N] [--params P] [--leaves L]``.
+    """``python -m jema bench [--repeats N] [--params P] [--leaves L]``.
 
     Args:
       argv: the arguments; None reads ``sys.argv``.
@@ -458,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       0
     """
     description = __doc__.splitlines()[0]
-    parser = argparse.ArgumentParser(prog="python -m jema.bench", description=description)
+    parser = argparse.ArgumentParser(prog="jema bench", description=description)
     parser.add_argument("--repeats", type=positive_int, default=20, help="timed runs per row")
     parser.add_argument(
         "--params", type=positive_int, default=25_000_000, help="total float32 weights"

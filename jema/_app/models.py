@@ -1,7 +1,7 @@
 """The demo's small CNN for 8x8 digits in linen, with PyTorch's eps, momentum and padding.
 
 Its layer names (``conv1``, ``bn1``, ``conv2``, ``bn2``, ``fc``) map by ``interop``'s default
-rule onto the PyTorch twin in ``jema._demo_torch``, so ``ema_net`` loads there strictly.
+rule onto the PyTorch twin in ``jema._app.torch_models``, so ``ema_net`` loads there strictly.
 """
 
 from __future__ import annotations

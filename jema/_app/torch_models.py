@@ -11,7 +11,7 @@ from torch import nn
 
 
 class TorchDigitsCNN(nn.Module):
-    """The PyTorch twin of ``jema._demo_models.DigitsCNN`` (same names, NCHW).
+    """The PyTorch twin of ``jema._app.models.DigitsCNN`` (same names, NCHW).
 
     Example:
       >>> TorchDigitsCNN(4)(torch.zeros(2, 1, 8, 8)).shape
@@ -27,6 +27,18 @@ class TorchDigitsCNN(nn.Module):
         self.fc = nn.Linear(2 * width, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of a batch of NCHW images.
+
+        Args:
+          x: images, shape ``(batch, 1, 8, 8)``.
+
+        Returns:
+          Logits, shape ``(batch, 10)``.
+
+        Example:
+          >>> TorchDigitsCNN(width=4).eval()(torch.zeros(2, 1, 8, 8)).shape
+          torch.Size([2, 10])
+        """
         x = torch.relu(self.bn1(self.conv1(x)))
         x = torch.relu(self.bn2(self.conv2(x)))
         return self.fc(x.mean(dim=(2, 3)))

@@ -21,8 +21,8 @@ import optax
 
 import jema
 from jema import checkpoint, kd
-from jema._demo_models import DigitsCNN
-from jema.digits import batches, load_digits_splits
+from jema._app.digits import batches, load_digits_splits
+from jema._app.models import DigitsCNN
 from jema.train_state import TrainState
 
 
@@ -191,7 +191,7 @@ def _write_outputs(
         shutil.rmtree(files["orbax"])
     checkpoint.save(files["orbax"], int(state.step), state)
     try:
-        from jema._demo_torch import TorchDigitsCNN, TorchKD
+        from jema._app.torch_models import TorchDigitsCNN, TorchKD
     except ImportError:
         del files["pth"]
         return files
@@ -240,7 +240,7 @@ def _check_torch_twin(
         return None
     import torch
 
-    from jema._demo_torch import TorchDigitsCNN, torch_logits
+    from jema._app.torch_models import TorchDigitsCNN, torch_logits
 
     width = 8 if config.kd else 16
     twin = TorchDigitsCNN(width)

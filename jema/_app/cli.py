@@ -1,4 +1,4 @@
-"""The ``jema`` command line: ``jema demo``, ``jema bench``, ``jema inspect CKPT``."""
+"""The ``jema`` command line: ``demo``, ``bench``, ``bench-scale``, ``inspect CKPT``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from jema.bench import positive_int
-from jema.demo import DemoConfig
+from jema._app.bench import positive_int
+from jema._app.demo import DemoConfig
+
+BENCHMARKS = {
+    "bench": "measure the EMA update's speed (prints a table)",
+    "bench-scale": "measure a train step, sparse and sharded updates (prints a table)",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,8 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jema", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    bench = commands.add_parser("bench", help="measure the EMA update's speed (prints a table)")
-    bench.add_argument("--repeats", type=positive_int, default=20, help="timed runs per row")
+    for name, help_text in BENCHMARKS.items():
+        commands.add_parser(name, help=f"{help_text}; see jema {name} --help", add_help=False)
 
     inspect = commands.add_parser("inspect", help="describe a PyTorch/safetensors checkpoint")
     inspect.add_argument("checkpoint", help="path to a .pth/.pt or .safetensors file")
@@ -44,12 +49,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=defaults.seed, help="initialisation and batches")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
-    args = parser.parse_args(argv)
-    if args.command == "bench":
-        from jema.bench import run
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":
+        from jema._app.bench import main as bench_main
 
-        run(repeats=args.repeats)
-        return 0
+        return bench_main(argv[1:])
+    if argv and argv[0] == "bench-scale":
+        from jema._app.bench_scale import main as bench_scale_main
+
+        return bench_scale_main(argv[1:])
+    args = parser.parse_args(argv)
     if args.command == "inspect":
         return _inspect(args.checkpoint)
     if args.command == "demo":
@@ -59,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from jema.demo import run
+    from jema._app.demo import run
 
     config = DemoConfig(
         epochs=args.epochs,

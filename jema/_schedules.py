@@ -1,0 +1,440 @@
+"""Every EMA decay: SuperGradients' three schedules and registry, and the every-k power.
+
+Each schedule is written once, as a function giving ``(d, 1 - d)`` side by side: ``1 - d`` is
+formed without cancellation (SuperGradients forms it in float64; in float32, ``1 - d`` for
+``d`` near 1 would lose digits). :func:`decay_weights_fn` turns the user's settings into the
+checked, traceable ``step -> (d, 1 - d)`` the transform uses, raised to the k-th power when
+it averages every k steps.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ArrayLike = jax.typing.ArrayLike
+Weights = tuple[jax.Array, jax.Array]
+
+
+def _constant_weights(decay: ArrayLike, step: ArrayLike) -> Weights:
+    dtype, shape = _float_dtype(), jnp.shape(step)
+    d = jnp.asarray(decay, dtype)
+    return jnp.broadcast_to(d, shape), jnp.broadcast_to(_one_minus(decay, dtype), shape)
+
+
+def _threshold_weights(decay: ArrayLike, step: ArrayLike) -> Weights:
+    s = jnp.asarray(step, _float_dtype())
+    d = jnp.minimum(jnp.asarray(decay, s.dtype), (1.0 + s) / (10.0 + s))
+    return d, jnp.maximum(_one_minus(decay, s.dtype), 9.0 / (10.0 + s))
+
+
+def _exp_weights(decay: ArrayLike, step: ArrayLike, total_steps: ArrayLike, beta: float) -> Weights:
+    s = jnp.asarray(step, _float_dtype())
+    ramp = jnp.exp(-jnp.asarray(beta, s.dtype) * s / total_steps)
+    d = jnp.asarray(decay, s.dtype)
+    return d * (1.0 - ramp), _one_minus(decay, s.dtype) + d * ramp
+
+
+def constant(decay: ArrayLike, step: ArrayLike, total_steps: ArrayLike | None = None) -> jax.Array:
+    """The same decay at every step: ``d = decay``.
+
+    Args:
+      decay: the decay, in (0, 1).
+      step: the 1-based optimizer step (may be traced); unused.
+      total_steps: unused.
+
+    Returns:
+      ``decay`` as a float32 scalar (float64 when x64 is enabled).
+
+    Example:
+      >>> float(constant(0.9, step=5))
+      0.8999999761581421
+    """
+    del total_steps
+    return _constant_weights(decay, step)[0]
+
+
+def threshold(decay: ArrayLike, step: ArrayLike, total_steps: ArrayLike | None = None) -> jax.Array:
+    """TensorFlow's ``num_updates`` rule: ``d = min(decay, (1 + step) / (10 + step))``.
+
+    Args:
+      decay: the maximum decay, in (0, 1).
+      step: the 1-based optimizer step (may be traced).
+      total_steps: unused.
+
+    Returns:
+      The decay for ``step``; step 1 gives ``min(decay, 2/11)``.
+
+    Example:
+      >>> round(float(threshold(0.9999, step=1)), 6)
+      0.181818
+    """
+    del total_steps
+    return _threshold_weights(decay, step)[0]
+
+
+def exp(
+    decay: ArrayLike, step: ArrayLike, total_steps: ArrayLike, beta: ArrayLike = 15.0
+) -> jax.Array:
+    """Exponential ramp: ``d = decay * (1 - exp(-beta * step / total_steps))``.
+
+    Args:
+      decay: the maximum decay, in (0, 1).
+      step: the 1-based optimizer step (may be traced).
+      total_steps: the length of training in optimizer steps, positive.
+      beta: the ramp's steepness, positive; SG's default is 15.
+
+    Returns:
+      The decay for ``step``.
+
+    Example:
+      >>> round(float(exp(0.9, step=100, total_steps=100, beta=1.0)), 5)
+      0.56891
+    """
+    return _exp_weights(decay, step, total_steps, beta)[0]
+
+
+def _float_dtype() -> jnp.dtype:
+    return jnp.dtype(jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32)
+
+
+def _one_minus(decay: ArrayLike, dtype: jnp.dtype) -> jax.Array:
+    """``1 - decay``, in Python's float64 when ``decay`` is a Python number, as SG computes it."""
+    if isinstance(decay, (int, float)):
+        return jnp.asarray(1.0 - decay, dtype)
+    return 1 - jnp.asarray(decay, dtype)
+
+
+class IDecayFunction:
+    """SuperGradients' decay-function interface: subclass it and implement ``__call__``.
+
+    ``step`` arrives as a traced integer array, so implementations must use ``jax.numpy``
+    (``jnp.exp``, ``jnp.minimum``), never ``math`` or ``numpy`` on it.
+
+    Example:
+      >>> class LinearDecay(IDecayFunction):
+      ...     def __call__(self, decay, step, total_steps):
+      ...         return decay * step / total_steps
+      >>> EMA_DECAY_FUNCTIONS["linear"] = LinearDecay
+      >>> float(LinearDecay()(0.9, 5, 10))
+      0.45
+      >>> del EMA_DECAY_FUNCTIONS["linear"]
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        if kwargs:
+            raise TypeError(
+                f"{type(self).__name__} takes no options; got {sorted(kwargs)}. "
+                "Options are only for schedules that declare them (e.g. beta for 'exp')."
+            )
+
+    def __call__(self, decay: ArrayLike, step: ArrayLike, total_steps: ArrayLike | None) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+
+    def complement(self, decay: ArrayLike, step: ArrayLike, total_steps: ArrayLike | None) -> Any:
+        """``1 - self(decay, step, total_steps)``; override to compute it without cancellation.
+
+        SuperGradients forms ``1 - d`` in float64; in float32, ``1 - d`` loses digits when ``d``
+        is near 1 (0.999 -> 1.3e-5 relative error), so the built-in schedules override this.
+
+        Args:
+          decay: the maximum decay.
+          step: the 1-based optimizer step (may be traced).
+          total_steps: the length of training, or None.
+
+        Returns:
+          ``1 - d`` as a float scalar (or an array shaped like ``step``).
+
+        Example:
+          >>> float(ThresholdDecay().complement(0.9999, 1, None)) == float(jnp.float32(9 / 11))
+          True
+        """
+        return 1 - jnp.asarray(self(decay, step, total_steps))
+
+
+class _BuiltIn(IDecayFunction):
+    """A built-in schedule: ``__call__`` and ``complement`` read one ``(d, 1 - d)`` function."""
+
+    def _weights(self, decay: ArrayLike, step: ArrayLike, total_steps: ArrayLike | None) -> Weights:
+        raise NotImplementedError
+
+    def __call__(self, decay, step, total_steps):
+        return self._weights(decay, step, total_steps)[0]
+
+    def complement(self, decay, step, total_steps):
+        return self._weights(decay, step, total_steps)[1]
+
+
+class _IgnoresBeta(_BuiltIn):
+    """A schedule without options that still accepts SG's ``beta`` key, as SG's classes do.
+
+    SuperGradients' recipes carry ``beta`` in ``ema_params`` whatever the decay_type, and its
+    ``constant``/``threshold`` classes ignore it; any other option is an error here.
+    """
+
+    def __init__(self, beta: float | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+
+
+class ConstantDecay(_IgnoresBeta):
+    """``decay_type="constant"``: see :func:`jema.constant` (accepts and ignores ``beta``)."""
+
+    def _weights(self, decay, step, total_steps):
+        return _constant_weights(decay, step)
+
+
+class ThresholdDecay(_IgnoresBeta):
+    """``decay_type="threshold"``: see :func:`jema.threshold` (accepts and ignores ``beta``)."""
+
+    def _weights(self, decay, step, total_steps):
+        return _threshold_weights(decay, step)
+
+
+class ExpDecay(_BuiltIn):
+    """``decay_type="exp"``: see :func:`jema.exp`; needs ``total_steps``.
+
+    Args:
+      beta: the ramp's steepness, a positive number (SG's default 15).
+
+    Raises:
+      ValueError: when ``beta`` is not a positive finite number.
+    """
+
+    needs_total_steps = True
+
+    def __init__(self, beta: float = 15.0) -> None:
+        super().__init__()
+        value = real_inside(beta, 0.0, math.inf)
+        if value is None:
+            raise ValueError(f"beta must be a positive finite number; got {beta!r}")
+        self.beta = value
+
+    def _weights(self, decay, step, total_steps):
+        return _exp_weights(decay, step, total_steps, self.beta)
+
+
+EMA_DECAY_FUNCTIONS: dict[str, type[IDecayFunction]] = {
+    "constant": ConstantDecay,
+    "threshold": ThresholdDecay,
+    "exp": ExpDecay,
+}
+
+
+def decay_weights_fn(
+    decay: Any,
+    decay_type: str,
+    total_steps: Any,
+    options: dict[str, Any],
+    every_k_steps: Any = 1,
+) -> Callable[[jax.Array], Weights]:
+    """Validate the EMA's settings and return ``step -> (d, 1 - d)`` for the registered schedule.
+
+    Args:
+      decay: the maximum decay, strictly inside (0, 1); may be a traced array (as under
+        ``optax.inject_hyperparams``), which is then not checked.
+      decay_type: a key of :data:`jema.EMA_DECAY_FUNCTIONS`.
+      total_steps: None or a positive number of optimizer steps (may be traced).
+      options: keyword arguments for the schedule class's constructor.
+      every_k_steps: a positive int k (may be traced): the weights become ``(d**k, 1 - d**k)``,
+        formed through ``log1p``/``expm1``, for an EMA that averages every k-th step.
+
+    Returns:
+      A function of the 1-based step (an int32 array) giving ``(d, 1 - d)`` as float scalars,
+      the complement computed without cancellation (see ``IDecayFunction.complement``).
+
+    Raises:
+      ValueError: bad decay, unknown decay_type, bad or missing total_steps, bad every_k_steps.
+      TypeError: a schedule that cannot be traced, or bad options.
+
+    Example:
+      >>> fn = decay_weights_fn(0.9, "constant", None, {})
+      >>> [round(float(x), 4) for x in fn(jax.numpy.int32(3))]
+      [0.9, 0.1]
+      >>> [round(float(x), 4) for x in decay_weights_fn(0.9, "constant", None, {}, 2)(3)]
+      [0.81, 0.19]
+    """
+    _check_decay(decay)
+    _check_total_steps(total_steps)
+    every_k_steps = check_every_k_steps(every_k_steps)
+    schedule = _build_schedule(decay_type, _unwrap_injected_options(options))
+    if total_steps is None and getattr(schedule, "needs_total_steps", False):
+        raise ValueError(
+            f"decay_type={decay_type!r} needs total_steps, the number of optimizer steps in "
+            "training, a positive int; got None. Pass e.g. "
+            f"ema_transform(decay_type={decay_type!r}, total_steps=len(loader) * epochs)."
+        )
+
+    def once(step: jax.Array) -> Weights:
+        d = jnp.asarray(schedule(decay, step, total_steps))
+        return d, jnp.asarray(schedule.complement(decay, step, total_steps), d.dtype)
+
+    if not is_traced(decay) and not is_traced(total_steps):
+        _probe(once, decay_type, total_steps)
+    if isinstance(every_k_steps, int) and every_k_steps == 1:
+        return once
+
+    def powered(step: jax.Array) -> Weights:
+        d, one_minus_d = once(step)
+        k_log_d = every_k_steps * jnp.log1p(-one_minus_d)
+        k_is_1 = jnp.asarray(every_k_steps) == 1
+        return (
+            jnp.where(k_is_1, d, jnp.exp(k_log_d)),
+            jnp.where(k_is_1, one_minus_d, -jnp.expm1(k_log_d)),
+        )
+
+    return powered
+
+
+def check_every_k_steps(every_k_steps: Any) -> int | jax.Array:
+    """``every_k_steps`` as a Python int, or as is when traced (``optax.inject_hyperparams``).
+
+    Args:
+      every_k_steps: a positive int, an integer scalar array, or a tracer.
+
+    Returns:
+      The int, or the tracer.
+
+    Raises:
+      ValueError: when it is not a positive integer.
+
+    Example:
+      >>> check_every_k_steps(np.int64(4))
+      4
+    """
+    if is_traced(every_k_steps):
+        return every_k_steps
+    value = real_inside(every_k_steps, 0.0, math.inf)
+    integral = isinstance(every_k_steps, numbers.Integral) or jnp.issubdtype(
+        getattr(every_k_steps, "dtype", float), jnp.integer
+    )
+    if value is None or not integral:
+        raise ValueError(f"every_k_steps must be a positive int; got {every_k_steps!r}")
+    return int(value)
+
+
+def is_traced(x: Any) -> bool:
+    """Whether ``x`` is a JAX tracer (a value known only when the function runs).
+
+    Args:
+      x: any value.
+
+    Returns:
+      True for a tracer.
+
+    Example:
+      >>> is_traced(1.0)
+      False
+    """
+    return isinstance(x, jax.core.Tracer)
+
+
+def real_inside(x: Any, low: float, high: float) -> float | None:
+    """``x`` as a float when it is a real number (or real scalar array) in ``(low, high)``.
+
+    Args:
+      x: any value; bools are not numbers here.
+      low: the open interval's lower end.
+      high: the open interval's upper end.
+
+    Returns:
+      The float, or None when ``x`` is not a real number or lies outside.
+
+    Example:
+      >>> real_inside(0.5, 0, 1), real_inside(1, 0, 1), real_inside("0.5", 0, 1)
+      (0.5, None, None)
+    """
+    if isinstance(x, bool) or not isinstance(x, (numbers.Real, np.ndarray, np.generic, jax.Array)):
+        return None
+    if np.ndim(x) != 0:
+        return None
+    dtype = np.asarray(x).dtype
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        return None
+    value = float(x)
+    return value if low < value < high else None
+
+
+def _build_schedule(decay_type: str, options: dict[str, Any]) -> IDecayFunction:
+    if not isinstance(decay_type, str) or decay_type not in EMA_DECAY_FUNCTIONS:
+        raise ValueError(
+            f"unknown decay_type {decay_type!r}; registered: {sorted(EMA_DECAY_FUNCTIONS)}. "
+            'Register your own with jema.EMA_DECAY_FUNCTIONS["name"] = YourDecayClass.'
+        )
+    cls = EMA_DECAY_FUNCTIONS[decay_type]
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise TypeError(f"decay_type={decay_type!r} does not accept options {options}: {e}") from e
+
+
+def _unwrap_injected_options(options: dict[str, Any]) -> dict[str, Any]:
+    # optax.inject_hyperparams re-calls the factory with the bound ``decay_kwargs`` dict as
+    # one keyword named "decay_kwargs"; flatten it back into the schedule's options.
+    nested = options.get("decay_kwargs")
+    if isinstance(nested, dict):
+        return {**{k: v for k, v in options.items() if k != "decay_kwargs"}, **nested}
+    return options
+
+
+def _probe(decay_fn: Callable, decay_type: str, total_steps: Any) -> None:
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    try:
+        out, _ = jax.eval_shape(decay_fn, step)
+    except jax.errors.ConcretizationTypeError as e:
+        raise TypeError(_untraceable(decay_type, e)) from e
+    except TypeError as e:
+        if total_steps is None and "NoneType" in str(e):
+            raise ValueError(
+                f"decay_type={decay_type!r} uses total_steps, but total_steps is None; "
+                "pass ema_transform(..., total_steps=<number of optimizer steps>)."
+            ) from e
+        raise TypeError(_untraceable(decay_type, e)) from e
+    if out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(
+            f"decay_type={decay_type!r} must return a float scalar; it returned "
+            f"shape {out.shape} dtype {out.dtype}."
+        )
+
+
+def _untraceable(decay_type: str, error: Exception) -> str:
+    return (
+        f"decay_type={decay_type!r} cannot be traced by JAX: `step` is a traced array, so the "
+        "schedule must use jax.numpy (jnp.exp, jnp.minimum, jnp.where) instead of math/numpy "
+        f"functions or Python `if` on it. Original error: {type(error).__name__}: {error}"
+    )
+
+
+def _check_decay(decay: Any) -> None:
+    if is_traced(decay) or real_inside(decay, 0.0, 1.0) is not None:
+        return
+    raise ValueError(
+        f"decay must be a number strictly inside (0, 1); got {decay!r}{_low_precision_hint(decay)}"
+    )
+
+
+def _low_precision_hint(x: Any) -> str:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits > 16:
+        return ""
+    return (
+        f". A {jnp.dtype(dtype).name} decay comes from optax.inject_hyperparams, which casts "
+        "hyperparameters to the params' dtype: pass hyperparam_dtype=jnp.float32 to it."
+    )
+
+
+def _check_total_steps(total_steps: Any) -> None:
+    if total_steps is None or is_traced(total_steps):
+        return
+    value = real_inside(total_steps, 0.0, math.inf)
+    if value is None:
+        raise ValueError(
+            f"total_steps must be a positive number of optimizer steps; got {total_steps!r}"
+        )
+    if value != int(value):
+        raise ValueError(f"total_steps must be a whole number of steps; got {total_steps!r}")

@@ -1,0 +1,257 @@
+"""Tree helpers: averaging, the EMA's dtype policy, checks before averaging, the final swap."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def is_none(x: Any) -> bool:
+    """The ``is_leaf`` that keeps ``None`` leaves in tree maps (as optax's masked leaves need).
+
+    Args:
+      x: a tree node.
+
+    Returns:
+      True for ``None``.
+
+    Example:
+      >>> is_none(None), is_none(0.0)
+      (True, False)
+    """
+    return x is None
+
+
+def pure(tree: Any) -> Any:
+    """``tree`` with flax nnx Variables unwrapped to their values; flax is never imported here.
+
+    An nnx Variable can only exist once ``flax.nnx`` is imported, so without it the tree is
+    returned as is.
+
+    Args:
+      tree: any pytree, possibly holding ``nnx.Variable`` leaves.
+
+    Returns:
+      The same tree with plain arrays where the Variables were.
+
+    Example:
+      >>> pure({"w": 1.0})
+      {'w': 1.0}
+    """
+    nnx = sys.modules.get("flax.nnx")
+    return tree if nnx is None else nnx.as_pure(tree)
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype the EMA's arithmetic runs in: ``dtype`` promoted to at least float32.
+
+    Args:
+      dtype: a floating dtype.
+
+    Returns:
+      float32 for 16-bit floats, ``dtype`` otherwise.
+
+    Example:
+      >>> compute_dtype(jnp.bfloat16)
+      dtype('float32')
+    """
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def copy_floating(tree: Any, dtype: Any = None, *, at_least: bool = False) -> Any:
+    """A copy of ``tree`` (never its buffers) with floating leaves in ``dtype``.
+
+    Args:
+      tree: a pytree of arrays; ``None`` leaves stay ``None``.
+      dtype: the floating dtype, or None to keep each leaf's dtype.
+      at_least: promote floating leaves to ``dtype`` instead of casting them to it (never
+        narrows, e.g. float32 statistics stay float32 beside a bfloat16 EMA).
+
+    Returns:
+      The copy; non-floating leaves keep their dtype.
+
+    Example:
+      >>> copy_floating({"w": jnp.ones(2, jnp.bfloat16)}, jnp.float32)["w"].dtype
+      dtype('float32')
+    """
+
+    def copy(x: Any) -> Any:
+        if x is None:
+            return None
+        x = jnp.asarray(x)
+        target = None
+        if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+            target = jnp.promote_types(x.dtype, dtype) if at_least else dtype
+        return jnp.array(x, dtype=target, copy=True)
+
+    return jax.tree.map(copy, tree, is_leaf=is_none)
+
+
+def shared_float_dtype(tree: Any) -> jnp.dtype | None:
+    """The one floating dtype of ``tree``'s leaves, or None when there is none or several.
+
+    Args:
+      tree: a pytree of arrays.
+
+    Returns:
+      A dtype, or None.
+
+    Example:
+      >>> shared_float_dtype({"w": jnp.ones(2), "n": jnp.ones(2, jnp.int32)})
+      dtype('float32')
+    """
+    dtypes = {
+        jnp.dtype(leaf.dtype)
+        for leaf in jax.tree.leaves(tree)
+        if jnp.issubdtype(leaf.dtype, jnp.floating)
+    }
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def average_tree(ema: Any, new: Any, weights: tuple[jax.Array, jax.Array]) -> Any:
+    """``ema * d + (1 - d) * new`` on every floating leaf; other leaves keep ``ema``.
+
+    The arithmetic runs in :func:`compute_dtype` of the EMA leaf, so a bfloat16 EMA never
+    sees a decay rounded to bfloat16.
+
+    Args:
+      ema: the running average.
+      new: the newest values, same structure as ``ema``.
+      weights: ``(d, 1 - d)``, float scalars.
+
+    Returns:
+      The new average, same structure and dtypes as ``ema``.
+
+    Example:
+      >>> average_tree({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, (0.75, 0.25))["w"].tolist()
+      [0.25, 0.25]
+    """
+
+    def average(e: Any, n: Any) -> Any:
+        if e is None or not jnp.issubdtype(e.dtype, jnp.floating):
+            return e
+        compute = compute_dtype(e.dtype)
+        d, one_minus_d = (jnp.asarray(w, compute) for w in weights)
+        return (e.astype(compute) * d + one_minus_d * jnp.asarray(n).astype(compute)).astype(
+            e.dtype
+        )
+
+    return jax.tree.map(average, ema, new, is_leaf=is_none)
+
+
+def check_same_structure(attached: Any, given: Any, name: str, missing_hint: str = "") -> None:
+    """Check that ``given`` can be averaged into ``attached`` (the EMA's copy of ``name``).
+
+    Paths and shapes must match exactly: a broadcastable shape would silently change the
+    EMA's shape.
+
+    Args:
+      attached: what the EMA holds for ``name``, or None when nothing was attached.
+      given: the new values passed to ``update``.
+      name: the keyword they came in, for the message.
+      missing_hint: what the user should call when nothing was attached.
+
+    Raises:
+      ValueError: when nothing was attached, or the two trees differ in paths or shapes
+        (every difference listed, sorted).
+
+    Example:
+      >>> check_same_structure({"m": jnp.zeros(2)}, {"m": jnp.ones(2)}, "batch_stats")
+    """
+    if attached is None:
+        raise ValueError(
+            f"update(..., {name}=...) was given but the EMA holds no {name}: {missing_hint}"
+        )
+    if jax.tree.structure(attached, is_leaf=is_none) != jax.tree.structure(given, is_leaf=is_none):
+        raise ValueError(
+            f"the {name} given to update have a different structure from the EMA's: "
+            f"{_structure_diff(attached, given)}"
+        )
+    shapes = sorted(
+        f"{jax.tree_util.keystr(path)}: EMA {jnp.shape(a)}, given {jnp.shape(g)}"
+        for (path, a), g in zip(
+            jax.tree_util.tree_leaves_with_path(attached, is_leaf=is_none),
+            jax.tree.leaves(given, is_leaf=is_none),
+            strict=True,
+        )
+        if a is not None and jnp.shape(a) != jnp.shape(g)
+    )
+    if shapes:
+        raise ValueError(f"the {name} given to update differ in shape from the EMA's: {shapes}")
+
+
+def all_finite(*trees: Any) -> jax.Array:
+    """True when no floating leaf of ``trees`` holds a NaN or an Inf.
+
+    Args:
+      *trees: pytrees (None leaves and non-floating leaves are ignored).
+
+    Returns:
+      A boolean scalar array.
+
+    Example:
+      >>> bool(all_finite({"w": jnp.ones(2)}, {"w": jnp.array([1.0, jnp.inf])}))
+      False
+    """
+    checks = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(trees)
+        if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def fill_masked(raw: Any, ema: Any) -> Any:
+    """``ema`` with its masked leaves (``optax.MaskedNode``) taken from ``raw``.
+
+    Args:
+      raw: the raw model's tree.
+      ema: the EMA's tree, same structure up to masked leaves.
+
+    Returns:
+      A tree shaped like ``ema`` with no ``MaskedNode`` leaves.
+
+    Example:
+      >>> fill_masked({"a": 1, "b": 2}, {"a": optax.MaskedNode(), "b": 5})
+      {'a': 1, 'b': 5}
+    """
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return jax.tree.map(lambda e, r: r if is_masked(e) else e, ema, raw, is_leaf=is_masked)
+
+
+def cast_like(raw: Any, ema: Any) -> Any:
+    """``ema`` (masked leaves filled from ``raw``) cast to the dtypes of ``raw``'s leaves.
+
+    Args:
+      raw: the raw model's tree, or None.
+      ema: the EMA's tree, same structure, or None when ``raw`` is.
+
+    Returns:
+      New arrays (never the EMA's buffers) shaped and typed like ``raw``.
+
+    Example:
+      >>> cast_like({"w": jnp.ones(2, jnp.bfloat16)}, {"w": jnp.full(2, 0.5)})["w"].dtype
+      dtype(bfloat16)
+    """
+    if raw is None:
+        return None
+    return jax.tree.map(
+        lambda e, r: jnp.array(e, dtype=jnp.asarray(r).dtype, copy=True), fill_masked(raw, ema), raw
+    )
+
+
+def _paths(tree: Any) -> set[str]:
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_none)
+    return {jax.tree_util.keystr(path) for path, _ in leaves}
+
+
+def _structure_diff(expected: Any, got: Any) -> str:
+    missing = sorted(_paths(expected) - _paths(got))
+    unexpected = sorted(_paths(got) - _paths(expected))
+    if not missing and not unexpected:
+        return "same paths, different container types"
+    return f"missing {missing[:10]}, unexpected {unexpected[:10]}"
