@@ -13,8 +13,8 @@ import torch
 
 import interop
 import jema
-from jema._app.models import DigitsCNN
 from jema._app.demo import DemoConfig, run
+from jema._app.models import DigitsCNN
 
 
 @pytest.fixture(scope="module")
