@@ -20,6 +20,8 @@ import numpy as np
 
 ArrayLike = jax.typing.ArrayLike
 Weights = tuple[jax.Array, jax.Array]
+STEP_LIMIT = 2**31 - 1  # the last step the int32 counter reaches (optax.safe_increment)
+PROBES = 64  # steps at which a schedule's values are checked when the transform is built
 
 
 def _constant_weights(decay: ArrayLike, step: ArrayLike) -> Weights:
@@ -249,7 +251,9 @@ def decay_weights_fn(
       the complement computed without cancellation (see ``IDecayFunction.complement``).
 
     Raises:
-      ValueError: bad decay, unknown decay_type, bad or missing total_steps, bad every_k_steps.
+      ValueError: bad decay, unknown decay_type, bad or missing total_steps, bad every_k_steps,
+        a schedule whose ``d`` or ``1 - d`` is NaN or outside [0, 1] at a probed step (a spread
+        of steps from 1 to ``total_steps``, or to the int32 step counter's end without it).
       TypeError: a schedule that cannot be traced, or bad options.
 
     Example:
@@ -276,6 +280,7 @@ def decay_weights_fn(
 
     if not is_traced(decay) and not is_traced(total_steps):
         _probe(once, decay_type, total_steps)
+        _probe_values(once, decay_type, total_steps)
     if isinstance(every_k_steps, int) and every_k_steps == 1:
         return once
 
@@ -313,8 +318,11 @@ def check_every_k_steps(every_k_steps: Any) -> int | jax.Array:
     integral = isinstance(every_k_steps, numbers.Integral) or jnp.issubdtype(
         getattr(every_k_steps, "dtype", float), jnp.integer
     )
-    if value is None or not integral:
-        raise ValueError(f"every_k_steps must be a positive int; got {every_k_steps!r}")
+    if value is None or not integral or value > STEP_LIMIT:
+        raise ValueError(
+            f"every_k_steps must be a positive int at most {STEP_LIMIT} (the int32 step "
+            f"counter); got {every_k_steps!r}"
+        )
     return int(value)
 
 
@@ -402,6 +410,41 @@ def _probe(decay_fn: Callable, decay_type: str, total_steps: Any) -> None:
         )
 
 
+def valid_weights(weights: Weights) -> jax.Array:
+    """True when ``d`` and ``1 - d`` are both in [0, 1] (so neither is NaN or infinite).
+
+    Args:
+      weights: ``(d, 1 - d)`` arrays.
+
+    Returns:
+      A boolean array shaped like ``d``.
+
+    Example:
+      >>> valid_weights((jnp.array([0.9, 1.5]), jnp.array([0.1, -0.5]))).tolist()
+      [True, False]
+    """
+    d, one_minus_d = weights
+    return (d >= 0) & (d <= 1) & (one_minus_d >= 0) & (one_minus_d <= 1)
+
+
+def _probe_values(decay_fn: Callable, decay_type: str, total_steps: Any) -> None:
+    last = STEP_LIMIT if total_steps is None else int(total_steps)
+    steps = np.unique(np.geomspace(1, last, PROBES).round().astype(np.int64))
+    steps = np.unique(np.concatenate([steps, np.arange(1, min(last, 10) + 1)])).astype(np.int32)
+    weights = jax.vmap(decay_fn)(jnp.asarray(steps))
+    bad = ~np.asarray(valid_weights(weights))
+    if bad.any():
+        at = int(np.argmax(bad))
+        d, one_minus_d = (float(np.asarray(w)[at]) for w in weights)
+        raise ValueError(
+            f"decay_type={decay_type!r} gives d = {d!r} (1 - d = {one_minus_d!r}) at step "
+            f"{int(steps[at])}; d must be a finite number in [0, 1] at every step from 1 to "
+            f"{'total_steps' if total_steps is not None else 'the end of the int32 step counter'}"
+            f" ({last}), or the EMA is corrupted. Fix the schedule (e.g. clip it with "
+            "jnp.clip(d, 0, 1))."
+        )
+
+
 def _untraceable(decay_type: str, error: Exception) -> str:
     return (
         f"decay_type={decay_type!r} cannot be traced by JAX: `step` is a traced array, so the "
@@ -438,3 +481,8 @@ def _check_total_steps(total_steps: Any) -> None:
         )
     if value != int(value):
         raise ValueError(f"total_steps must be a whole number of steps; got {total_steps!r}")
+    if value > STEP_LIMIT:
+        raise ValueError(
+            f"total_steps must be at most {STEP_LIMIT}, the last step the int32 step counter "
+            f"reaches; got {total_steps!r}"
+        )

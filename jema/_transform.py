@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jema._schedules import check_every_k_steps, decay_weights_fn
+from jema._schedules import check_every_k_steps, decay_weights_fn, valid_weights
 from jema._state import WeightEmaState
 from jema._trees import all_finite, average_tree, check_same_structure, copy_floating
 
@@ -49,8 +49,9 @@ def ema_transform(
         None keeps each param's dtype.
       every_k_steps: average only on every k-th optimizer step, with decay ``d ** k`` (the
         same averaging window); the work is skipped on the other steps. 1 is SG's behaviour.
-      skip_nonfinite: when the new weights (or batch statistics) hold a NaN or Inf, keep the
-        EMA and its count as they were for that step.
+      skip_nonfinite: when the new weights (or batch statistics) hold a NaN or Inf, or the
+        schedule's ``d`` is NaN or outside [0, 1] at this step, keep the EMA and its count as
+        they were for that step.
       **decay_kwargs: options for the schedule's class, e.g. ``beta=15`` for "exp".
 
     Returns:
@@ -100,8 +101,9 @@ def ema_transform(
             check_same_structure(state.batch_stats, batch_stats, "batch_stats", ATTACH_HINT)
         count = optax.safe_increment(state.count)
 
+        weights = weights_at(count)
+
         def average(_: None) -> tuple[Any, Any]:
-            weights = weights_at(count)
             ema = average_tree(state.ema, optax.apply_updates(params, updates), weights)
             if batch_stats is None:
                 return ema, state.batch_stats
@@ -113,6 +115,7 @@ def ema_transform(
             due = count % every_k_steps == 0
             if skip_nonfinite:
                 finite = all_finite(optax.apply_updates(params, updates), batch_stats)
+                finite = jnp.logical_and(finite, valid_weights(weights))
                 due = jnp.logical_and(due, finite)
                 count = jnp.where(finite, count, state.count)
             ema, stats = jax.lax.cond(due, average, lambda _: (state.ema, state.batch_stats), None)

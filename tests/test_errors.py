@@ -1,6 +1,5 @@
 """Bad input gets a clear error naming the value and what is allowed."""
 
-
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -163,3 +162,46 @@ def test_batch_stats_or_params_of_another_shape_are_refused_not_broadcast():
         ValueError, match=r"params .* differ in shape .*\"\['w'\]: EMA \(1,\), given \(3,\)\""
     ):
         tx.update({"w": jnp.ones(3)}, state, {"w": jnp.ones(3)})
+
+
+class NanAtStep5(jema.IDecayFunction):
+    def __call__(self, decay, step, total_steps):
+        return jnp.where(step == 5, jnp.nan, decay)
+
+
+class Overshoots(jema.IDecayFunction):
+    """``2 * decay`` from step 1000 on: above 1 for any decay over 0.5."""
+
+    def __call__(self, decay, step, total_steps):
+        return jnp.where(step >= 1000, 2 * decay, decay)
+
+
+@pytest.mark.parametrize(
+    ("cls", "total_steps", "message"),
+    [
+        (NanAtStep5, None, r"gives d = nan \(1 - d = nan\) at step 5"),
+        (
+            Overshoots,
+            None,
+            r"gives d = 1\.79.* at step \d{4}; d must be a finite number in \[0, 1\]",
+        ),
+        (Overshoots, 5000, r"at every step from 1 to total_steps \(5000\)"),
+    ],
+)
+def test_a_schedule_that_would_poison_the_ema_is_refused_when_built(
+    register, cls, total_steps, message
+):
+    register("bad", cls)
+    with pytest.raises(ValueError, match=rf"decay_type='bad' .*{message}"):
+        jema.ema_transform(0.9, "bad", total_steps=total_steps)
+
+
+def test_a_schedule_is_probed_only_up_to_total_steps(register):
+    register("bad", Overshoots)
+    jema.ema_transform(0.9, "bad", total_steps=999)
+
+
+@pytest.mark.parametrize("name", ["every_k_steps", "total_steps"])
+def test_counts_past_the_int32_step_counter_are_refused_when_built(name):
+    with pytest.raises(ValueError, match=rf"{name} must be .*at most 2147483647.*got 2147483648"):
+        jema.ema_transform(0.9, "exp", **{"total_steps": 10, name: 2**31})

@@ -109,7 +109,9 @@ def test_without_skip_nonfinite_a_nan_reaches_the_ema():
 
 @pytest.mark.parametrize("k", [0, -1, 1.5, True, "2", jnp.ones(2, jnp.int32)])
 def test_every_k_steps_must_be_a_positive_int(k):
-    with pytest.raises(ValueError, match="every_k_steps must be a positive int; got"):
+    with pytest.raises(
+        ValueError, match="every_k_steps must be a positive int at most 2147483647 .*; got"
+    ):
         jema.ema_transform(every_k_steps=k)
 
 
@@ -132,3 +134,34 @@ def test_skip_nonfinite_judges_the_new_weights_not_their_parts():
     _, state = jax.jit(tx.update)(jnp.array([3e38, 0.0]), tx.init(params), params)  # overflows
     assert int(jema.ema_count(state)) == 0
     np.testing.assert_array_equal(jema.ema_params(state), params)
+
+
+class OvershootsAfter3(jema.IDecayFunction):
+    """A valid decay up to total_steps=3, then d = 1.5: out of [0, 1], a poisoned EMA."""
+
+    def __call__(self, decay, step, total_steps):
+        return jnp.where(step > total_steps, 1.5, decay)
+
+
+@pytest.mark.parametrize("every_k_steps", [1, 2])
+def test_skip_nonfinite_skips_a_step_whose_decay_is_out_of_range(every_k_steps):
+    jema.EMA_DECAY_FUNCTIONS["overshoots"] = OvershootsAfter3
+    try:
+        tx = jema.ema_transform(
+            0.5, "overshoots", total_steps=3, skip_nonfinite=True, every_k_steps=every_k_steps
+        )
+        trajectory = [np.full(2, float(i), np.float32) for i in range(1, 7)]
+        state = feed(tx, np.zeros(2, np.float32), trajectory)
+        unguarded = jema.ema_transform(
+            0.5, "overshoots", total_steps=3, every_k_steps=every_k_steps
+        )
+        poisoned = feed(unguarded, np.zeros(2, np.float32), trajectory)
+    finally:
+        del jema.EMA_DECAY_FUNCTIONS["overshoots"]
+    expected = np.zeros(2)
+    for step, weights in enumerate(trajectory[:3], start=1):
+        if step % every_k_steps == 0:
+            expected = expected * 0.5**every_k_steps + (1 - 0.5**every_k_steps) * weights
+    assert int(jema.ema_count(state)) == 3
+    np.testing.assert_allclose(jema.ema_params(state), expected, rtol=1e-6)
+    assert not np.allclose(jema.ema_params(poisoned), expected)  # what the guard prevents
