@@ -28,18 +28,23 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """Copies a tensor into a new numpy array with the same dtype and bits.
 
     Args:
-      tensor: any tensor (detached and moved to the CPU first) of a dtype in the table.
+      tensor: a dense tensor with data (detached and moved to the CPU first) of a dtype in the
+        table.
 
     Returns:
       A new array; bfloat16 becomes ``ml_dtypes.bfloat16``.
 
     Raises:
-      TypeError: for a dtype outside the table, listing the allowed ones.
+      TypeError: for a sparse or meta tensor (no dense data), or a dtype outside the table
+        (quantized ones included), listing the allowed ones.
 
     Example:
       >>> to_numpy(torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
       array([1.5, -2], dtype=bfloat16)
     """
+    if tensor.layout != torch.strided or tensor.is_meta:
+        kind = "meta" if tensor.is_meta else str(tensor.layout).removeprefix("torch.")
+        raise TypeError(f"a {kind} tensor has no dense data; allowed: dense tensors with data")
     if tensor.dtype not in _BY_TORCH:
         raise TypeError(f"unsupported tensor dtype {tensor.dtype}; allowed: {_allowed()}")
     dtype, via = _BY_TORCH[tensor.dtype]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
 import secrets
 import stat
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -50,9 +52,9 @@ def read_file(path: str | os.PathLike[str]) -> tuple[Any, dict[str, str] | None]
             path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK\x03\x04")
         )
     except pickle.UnpicklingError as e:
-        needed = _unsafe_globals(path, str(e))
+        needed = _unsafe_globals(path, str(e)) if "GLOBAL " in str(e) else []
         if not needed:
-            raise _unreadable(path, "not written by torch.save") from e
+            raise _unreadable(path, f"corrupt or not written by torch.save: {_first(e)}") from e
         names = ", ".join(needed)
         dtypes = (
             " plus the class of each numpy dtype it stores (numpy.dtypes.Float32DType, ...)"
@@ -63,9 +65,11 @@ def read_file(path: str | os.PathLike[str]) -> tuple[Any, dict[str, str] | None]
             f"{path} needs globals that safe loading refuses: {names}. If you trust this file, "
             f"allow exactly those{dtypes}: `with torch.serialization.safe_globals([{names}]): ...`"
         ) from e
-    except (RuntimeError, EOFError, KeyError, ValueError, UnicodeDecodeError) as e:
-        reason = str(e).strip().split("\n", 1)[0][:200] or type(e).__name__
-        raise _unreadable(path, f"truncated, or not written by torch.save: {reason}") from e
+    except OSError as e:
+        unreadable = _unreadable(path, f"truncated, or not written by torch.save: {_first(e)}")
+        raise _io_failure(path, e) or unreadable from e
+    except Exception as e:  # a corrupt pickle fails in any of the unpickler's steps
+        raise _unreadable(path, f"truncated, or not written by torch.save: {_first(e)}") from e
     return content, None
 
 
@@ -73,12 +77,41 @@ def _unreadable(path: str, reason: str) -> ValueError:
     return ValueError(f"{path} is not a readable PyTorch checkpoint ({reason})")
 
 
+def _io_failure(path: str, e: OSError) -> OSError | None:
+    """A real I/O failure as an ``OSError`` naming ``path``; None for damaged content, which
+    readers report as ``EINVAL`` or without an errno."""
+    if e.errno in (None, errno.EINVAL):
+        return None
+    return OSError(e.errno, f"{e.strerror} while reading a checkpoint", path)
+
+
+def _first(e: Exception) -> str:
+    """What went wrong, in one line of at most 200 characters: the unpickler's own words when
+    ``torch.load`` wraps them, else the first line of the message, or the exception's type."""
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+    line = found.group(1) if found else str(e).strip().split("\n", 1)[0]
+    return line[:200] or type(e).__name__
+
+
 def _unsafe_globals(path: str, message: str) -> list[str]:
-    """All of them for zip files; the legacy format only tells the first refused one."""
+    """All of them for zip files; the legacy format only tells the first refused one.
+
+    Empty when a name cannot be a global (a damaged pickle): not a dotted name, or naming
+    something a module already imported lacks (``torch._utils._rebu`` of a truncated file).
+    """
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except (RuntimeError, ValueError):
-        return sorted(set(re.findall(r"GLOBAL ([\w.]+)", message)))
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # legacy or damaged files: the one the message names
+        names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", message)))
+    return names if all(map(_could_exist, names)) else []
+
+
+def _could_exist(name: str) -> bool:
+    module, _, attr = name.rpartition(".")
+    loaded = sys.modules.get(module)
+    return all(p.isidentifier() for p in name.split(".")) and (
+        loaded is None or hasattr(loaded, attr)
+    )
 
 
 def _read_safetensors(path: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -86,8 +119,11 @@ def _read_safetensors(path: str) -> tuple[dict[str, Any], dict[str, str]]:
         with safetensors.safe_open(path, framework="pt") as f:
             flat = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
             return flat, f.metadata() or {}
-    except safetensors.SafetensorError as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    except OSError as e:
+        unreadable = ValueError(f"{path} is not a readable safetensors file: {_first(e)}")
+        raise _io_failure(path, e) or unreadable from e
+    except Exception as e:  # SafetensorError, and what a damaged header makes torch raise
+        raise ValueError(f"{path} is not a readable safetensors file: {_first(e)}") from e
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:

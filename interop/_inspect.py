@@ -30,7 +30,8 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
 
     Raises:
       OSError: when the file cannot be opened.
-      ValueError: naming the file when it is unreadable, unsafe or not a dict.
+      ValueError: naming the file when it is unreadable, unsafe or not a dict, or a section
+        does not map names to tensors.
 
     Example:
       >>> import os, tempfile
@@ -43,7 +44,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{os.fspath(path)} holds a {type(checkpoint).__name__}, not a dict")
     lines = [f"{os.fspath(path)} ({os.path.getsize(path):,} bytes)"]
-    found = sections(checkpoint)
+    found = sections(checkpoint, path)
     for name, state_dict in found.items():
         lines.append(f"{name}: {_summary(state_dict)}")
     others = [] if BARE in found else [k for k in checkpoint if k not in found]
@@ -77,7 +78,7 @@ def _describe(value: Any) -> str:
 def _distances(net: Mapping[str, Any], ema: Mapping[str, Any]) -> list[str]:
     """The table, then a line per kind of key left out: missing on one side or mis-shaped."""
     layers: dict[str, list[float]] = {}
-    missing, extra, shapes = [], [k for k in ema if k not in net], []
+    missing, extra, shapes, unreadable = [], [k for k in ema if k not in net], [], []
     for key, tensor in net.items():
         other = ema.get(key)
         if not isinstance(other, torch.Tensor):
@@ -88,7 +89,11 @@ def _distances(net: Mapping[str, Any], ema: Mapping[str, Any]) -> list[str]:
             continue
         if not tensor.is_floating_point():
             continue
-        a, b = to_numpy(tensor).astype(np.float64), to_numpy(other).astype(np.float64)
+        try:
+            a, b = to_numpy(tensor).astype(np.float64), to_numpy(other).astype(np.float64)
+        except TypeError as e:
+            unreadable.append(f"{key} ({e})".partition(";")[0] + ")")
+            continue
         sums = layers.setdefault(key.rpartition(".")[0] or key, [0.0, 0.0])
         sums[0] += float(np.sum((a - b) ** 2))
         sums[1] += float(np.sum(a**2))
@@ -98,6 +103,7 @@ def _distances(net: Mapping[str, Any], ema: Mapping[str, Any]) -> list[str]:
         ("missing in ema_net", missing),
         ("missing in net", extra),
         ("shape differs", shapes),
+        ("no dense data", unreadable),
     ):
         if keys:
             lines.append(f"not compared ({what}): {few(keys, most=10)}")

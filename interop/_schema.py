@@ -11,6 +11,7 @@ import torch
 
 from interop._files import read_file
 from interop._names import all_under
+from interop._report import few
 
 SECTIONS = ("net", "ema_net")
 BARE = "state_dict"  # what ``sections`` calls a bare state_dict
@@ -103,25 +104,45 @@ def to_safetensors(
     return flat, {**metadata, MARKER: ",".join(sections)}
 
 
-def sections(checkpoint: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    """The state_dicts a checkpoint dict holds, by name.
+def sections(
+    checkpoint: Mapping[str, Any], path: str | os.PathLike[str]
+) -> dict[str, Mapping[str, Any]]:
+    """The state_dicts a checkpoint dict holds, by name, each checked to map names to tensors.
 
     Args:
       checkpoint: a dict read by ``read_checkpoint``.
+      path: the file, for error messages.
 
     Returns:
       The ``net`` and ``ema_net`` entries that are dicts, or ``{BARE: checkpoint}`` when there
       are none and every value is a tensor (a bare state_dict), else ``{}``.
 
+    Raises:
+      ValueError: naming the file, the section and its first bad keys, when a section has a key
+        that is not a string or a value that is not a tensor.
+
     Example:
-      >>> list(sections({"net": {}, "ema_net": {}, "epoch": 3}))
+      >>> list(sections({"net": {}, "ema_net": {}, "epoch": 3}, "ckpt.pth"))
       ['net', 'ema_net']
-      >>> list(sections({"net": torch.ones(2), "head.bias": torch.ones(2)}))
+      >>> list(sections({"net": torch.ones(2), "head.bias": torch.ones(2)}, "ckpt.pth"))
       ['state_dict']
+      >>> sections({"net": {"fc.bias": 3}}, "ckpt.pth")
+      Traceback (most recent call last):
+      ValueError: ckpt.pth: 'net' must map str names to tensors; got 'fc.bias': int
     """
     found = {s: checkpoint[s] for s in SECTIONS if isinstance(checkpoint.get(s), Mapping)}
     if not found and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return {BARE: checkpoint}
+        found = {BARE: checkpoint}
+    for name, state_dict in found.items():
+        bad = [
+            f"{k!r}: {type(v).__name__}" if isinstance(k, str) else f"key {k!r}: {type(k).__name__}"
+            for k, v in state_dict.items()
+            if not (isinstance(k, str) and isinstance(v, torch.Tensor))
+        ]
+        if bad:
+            raise ValueError(
+                f"{os.fspath(path)}: {name!r} must map str names to tensors; got {few(bad, most=3)}"
+            )
     return found
 
 
@@ -150,7 +171,7 @@ def pick_section(checkpoint: Any, which: str, path: str | os.PathLike[str]) -> M
         raise ValueError(f"which must be 'auto', 'net' or 'ema_net'; got {which!r}")
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
-    found = sections(checkpoint)
+    found = sections(checkpoint, path)
     keys = sorted(map(str, checkpoint))[:20]
     if BARE in found:
         if which == "ema_net":

@@ -1,0 +1,211 @@
+"""Damaged and malformed checkpoint files: ``load_checkpoint`` and ``inspect_checkpoint`` end in
+a ``ValueError`` or ``OSError`` naming the file, never in a raw library exception.
+
+``tests/data/interop_bad/seeds`` holds three valid files (zip and legacy ``torch.save``,
+safetensors); the fuzz test mutates them with a fixed seed. Every input that once escaped as
+another exception is kept in ``tests/data/interop_bad`` and loaded by its own test.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import random
+import warnings
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import interop
+
+DATA = pathlib.Path(__file__).parent / "data" / "interop_bad"
+SEEDS = sorted((DATA / "seeds").iterdir())
+REGRESSIONS = sorted(p for p in DATA.iterdir() if p.is_file())
+CASES_PER_SEED = 400
+
+
+def _abstract(*shape: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, np.float32)
+
+
+TEMPLATE = {
+    "params": {
+        "fc": {"kernel": _abstract(2, 2), "bias": _abstract(2)},
+        "bn": {"scale": _abstract(2), "bias": _abstract(2)},
+    },
+    "batch_stats": {"bn": {"mean": _abstract(2), "var": _abstract(2)}},
+}
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    """One random damage: cut, flip a bit, overwrite, drop or repeat a few bytes."""
+    b = bytearray(data)
+    at = rng.randrange(len(b))
+    kind = rng.choice(["cut", "flip", "byte", "drop", "repeat"])
+    if kind == "cut":
+        del b[at:]
+    elif kind == "flip":
+        b[at] ^= 1 << rng.randrange(8)
+    elif kind == "byte":
+        b[at] = rng.randrange(256)
+    elif kind == "drop":
+        del b[at : at + rng.randrange(1, 9)]
+    else:
+        b[at:at] = b[at : at + rng.randrange(1, 9)]
+    return bytes(b)
+
+
+def outcome(path: pathlib.Path) -> str | None:
+    """None when loading and inspecting succeed or fail as they should, else what escaped."""
+    for read in (
+        lambda: interop.load_checkpoint(path, TEMPLATE, strict=False),
+        lambda: interop.inspect_checkpoint(path),
+    ):
+        try:
+            read()
+        except (ValueError, OSError) as e:
+            if str(path) not in str(e):
+                return f"{type(e).__name__} without the file name: {e}"
+        except Exception as e:  # what the test is for: nothing else may escape
+            return f"{type(e).__name__}: {e}"
+    return None
+
+
+def test_the_seeds_load() -> None:
+    assert [p.name for p in SEEDS] == [
+        "sections.pth",
+        "sections.safetensors",
+        "sections_legacy.pth",
+    ]
+    for path in SEEDS:
+        value = interop.load_checkpoint(path, TEMPLATE)
+        assert value["batch_stats"]["bn"]["var"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=[p.name for p in SEEDS])
+def test_mutated_files_fail_with_the_file_name(seed, tmp_path) -> None:
+    rng = random.Random(f"interop-fuzz-{seed.name}")
+    data = seed.read_bytes()
+    path = tmp_path / seed.name
+    escaped = {}
+    for case in range(CASES_PER_SEED):
+        path.write_bytes(mutate(data, rng))
+        if (what := outcome(path)) is not None:
+            escaped.setdefault(what.split(":")[0], (case, what))
+    assert escaped == {}
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=[p.name for p in SEEDS])
+def test_every_cut_near_the_end_fails_with_the_file_name(seed, tmp_path) -> None:
+    """The end holds a zip's directory and a pickle's STOP; cutting there once gave
+    ``OSError: [Errno 22] Invalid argument`` with no file name."""
+    data = seed.read_bytes()
+    path = tmp_path / seed.name
+    for size in range(len(data) - 64, len(data)):
+        path.write_bytes(data[:size])
+        with pytest.raises(ValueError, match="not a readable") as e:
+            interop.load_checkpoint(path, TEMPLATE)
+        assert str(e.value).startswith(str(path))
+
+
+# What each kept file once raised, and what it says now (after the file name).
+KEPT = {
+    "legacy_attribute.pth": ("AttributeError", "not a readable PyTorch checkpoint"),
+    "legacy_cut_in_a_global.pth": ("'needs globals torch._utils._reb'", "GLOBAL torch._utils._reb"),
+    "legacy_one_byte.pth": ("IndexError", "not a readable PyTorch checkpoint"),
+    "legacy_rebuild_args.pth": ("TypeError", "_rebuild_tensor_v2() missing 2"),
+    "legacy_storage_key.pth": ("AssertionError", "saved_id must be a tuple"),
+    "legacy_struct.pth": ("struct.error", "unpack requires a buffer"),
+    "zip_attribute.pth": ("AttributeError", "'dict' object has no attribute 'dtype'"),
+    "zip_cut_last_byte.pth": ("OSError [Errno 22] without a file name", "truncated"),
+    "zip_index.pth": ("IndexError", "list index out of range"),
+    "zip_not_tensors.pth": ("TypeError", "'ema_net' must map str names to tensors"),
+    "zip_operand.pth": ("UnpicklingError", "Can only append to lists, but got <class 'dict'>"),
+}
+
+
+def test_every_kept_file_is_listed() -> None:
+    assert [p.name for p in REGRESSIONS] == sorted(KEPT)
+
+
+@pytest.mark.parametrize("name", sorted(KEPT))
+def test_kept_bad_files_fail_with_the_file_name(name) -> None:
+    path = DATA / name
+    for read in (
+        lambda: interop.load_checkpoint(path, TEMPLATE),
+        lambda: interop.inspect_checkpoint(path),
+    ):
+        with pytest.raises(ValueError) as e:
+            read()
+        assert str(e.value).startswith(str(path)) and KEPT[name][1] in str(e.value)
+        assert "needs globals" not in str(e.value)
+
+
+GOOD = {"fc.weight": torch.ones(2, 2), "fc.bias": torch.ones(2)}
+BN = {"bn.weight": torch.ones(2), "bn.bias": torch.zeros(2)}
+BN |= {"bn.running_mean": torch.zeros(2), "bn.running_var": torch.ones(2)}
+
+
+def _net(**replaced: torch.Tensor) -> dict:
+    return {"net": {**GOOD, **BN, **replaced}}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            {"net": {0: torch.zeros(2), **GOOD}},
+            "'net' must map str names to tensors; got key 0: int",
+        ),
+        ({0: torch.zeros(2), **GOOD}, "'state_dict' must map str names to tensors; got key 0: int"),
+        (_net(**{"fc.extra": 3}), "'net' must map str names to tensors; got 'fc.extra': int"),
+        (
+            {"net": {**GOOD, "sub": {"a": torch.zeros(1)}}},
+            "'net' must map str names to tensors; got 'sub': dict",
+        ),
+    ],
+)
+def test_sections_must_map_names_to_tensors(tmp_path, content, message) -> None:
+    path = tmp_path / "bad.pth"
+    torch.save(content, path)
+    for read in (interop.inspect_checkpoint, lambda p: interop.load_checkpoint(p, TEMPLATE)):
+        with pytest.raises(ValueError) as e:
+            read(path)
+        assert str(e.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: torch.empty(2, device="meta"), "a meta tensor has no dense data"),
+        (lambda: torch.ones(2).to_sparse(), "a sparse_coo tensor has no dense data"),
+        (
+            lambda: torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8),
+            "unsupported tensor dtype torch.qint8",
+        ),
+        (lambda: torch.ones(2, dtype=torch.complex64), "unsupported tensor dtype torch.complex64"),
+        (
+            lambda: torch.ones(2).to(torch.float8_e4m3fn),
+            "unsupported tensor dtype torch.float8_e4m3fn",
+        ),
+    ],
+    ids=["meta", "sparse", "quantized", "complex", "float8"],
+)
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated:UserWarning")  # quantized
+def test_tensors_without_a_numpy_twin_are_named(tmp_path, make, message) -> None:
+    with warnings.catch_warnings():  # quantized tensors are deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = make()
+    path = tmp_path / "odd.pth"
+    torch.save({**_net(**{"fc.bias": tensor}), "ema_net": {**GOOD, **BN, "fc.bias": tensor}}, path)
+    with pytest.raises(ValueError) as e:
+        interop.load_checkpoint(path, TEMPLATE)
+    assert str(e.value).startswith(f"{path} (auto): the state_dict does not match:\n1 dtypes:\n")
+    assert f"  fc.bias: {message}" in str(e.value)
+    report = interop.load_checkpoint(path, TEMPLATE, strict=False).report
+    assert report.dtypes == (str(e.value).split("\n")[2].strip(),)
+    lines = interop.inspect_checkpoint(path).splitlines()
+    assert lines[1].startswith("net: 6 tensors, 14 parameters") and "fc.bias" not in lines[-2]
+    if tensor.is_floating_point():
+        assert lines[-1] == f"not compared (no dense data): fc.bias ({message})"
