@@ -112,6 +112,10 @@ def save_checkpoint(
     ``net={"student": s, "teacher": t}`` and a template module with ``.student`` and
     ``.teacher`` to get ``student.*``/``teacher.*`` keys.
 
+    As with ``torch.save``, a symlink is written through to its target and a file the caller may
+    not write is refused (root may write any). A save killed half-way leaves the old file and a
+    hidden ``.<name>.<digest>.<random>.tmp`` that the next save to the same path removes.
+
     Args:
       path: the file to write.
       net: linen variables, an nnx model or state, or a mapping of names to those.
@@ -122,7 +126,11 @@ def save_checkpoint(
     Raises:
       ValueError: listing mismatches against the template; for a safetensors path, when
         ``extra`` has the reserved key ``jema.sections``.
-      TypeError: for ``extra`` values a safetensors file cannot hold as JSON.
+      TypeError: naming the key, before anything is written, for ``extra`` values that a
+        safetensors file cannot hold as JSON or that ``torch.load(weights_only=True)`` would not
+        load back (e.g. ``object()``).
+      OSError: naming ``path`` when it cannot be written (``PermissionError`` for a read-only
+        file, a full disk); the old file is then left as it was.
 
     Example:
       >>> import os, tempfile, jax.numpy as jnp, torch

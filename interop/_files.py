@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import os
 import pickle
 import re
 import secrets
 import stat
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -129,17 +132,23 @@ def _read_safetensors(path: str) -> tuple[dict[str, Any], dict[str, str]]:
 def write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
     """Writes a file whole or not at all: ``write(temp)`` next to ``path``, then a rename.
 
-    The file gets the mode ``open(path, "wb")`` would give it (``0o666`` less the umask, or the
-    mode of the file it replaces), and reaches the disk (``fsync``) before it takes the name; the
-    folder is synced after the rename where the platform can.
+    As ``torch.save`` does: a symlink is written through (its target gets the content, the link
+    stays), and a file the caller may not write (read-only for a normal user) is refused rather
+    than replaced. The file gets the mode ``open(path, "wb")`` would give it (``0o666`` less the
+    umask, or the mode of the file it replaces), and reaches the disk (``fsync``) before it
+    takes the name; the folder is synced after the rename where the platform can. Temporary
+    files are named ``.<name>.<digest of name>.<random>.tmp`` (at most 139 bytes), so one left by
+    a killed save is removed by the next save to the same path.
 
     Args:
       path: the file to write.
       write: writes the whole content to the path it is given.
 
     Raises:
-      OSError: when the folder is not writable. Whatever ``write`` raises passes through;
-        ``path`` is then left as it was and no temporary file remains.
+      PermissionError: naming ``path`` when it exists and the caller may not write it.
+      OSError: naming ``path`` (not the temporary file) when the folder is not writable or the
+        write fails (a full disk); ``path`` is then left as it was and no temporary file
+        remains. Whatever else ``write`` raises passes through, with the same guarantee.
 
     Example:
       >>> import tempfile
@@ -150,27 +159,57 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
       ['out.bin']
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
-    # Created as open(path, "wb") creates files, so the umask (and default ACLs) apply.
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    target = os.path.realpath(path)  # through symlinks, as open(path, "wb") goes
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise PermissionError(
+            errno.EACCES, "Permission denied: the file is read-only, so torch.save refuses it "
+            "too; make it writable or save elsewhere", path
+        )  # fmt: skip
+    folder, name = os.path.split(target)
+    prefix = _temp_prefix(name)
+    try:
+        for stale in os.listdir(folder):
+            if stale.startswith(prefix) and stale.endswith(".tmp"):
+                os.unlink(os.path.join(folder, stale))
+        temp = os.path.join(folder, f"{prefix}{secrets.token_hex(8)}.tmp")
+        # Created as open(path, "wb") creates files, so the umask (and default ACLs) apply.
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise _naming(path, e) from e
     try:
         mode = stat.S_IMODE(os.fstat(fd).st_mode)
     finally:
         os.close(fd)
     try:
-        if os.path.exists(path):
-            mode = stat.S_IMODE(os.stat(path).st_mode)
+        if os.path.exists(target):
+            mode = stat.S_IMODE(os.stat(target).st_mode)
         os.chmod(temp, mode | stat.S_IWUSR)  # writable while ``write`` and ``fsync`` run
         write(temp)
         _fsync(temp, os.O_RDWR)
         os.chmod(temp, mode)
-        os.replace(temp, path)
+        os.replace(temp, target)
+    except OSError as e:
+        os.unlink(temp)
+        raise _naming(path, e) from e
     except BaseException:
         os.unlink(temp)
         raise
     if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
         _fsync(folder, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _temp_prefix(name: str) -> str:
+    """``.<first 100 bytes of name>.<16 hex digits of its hash>.``: the same for every save to
+    one file, different for two names that share their first 100 bytes."""
+    raw = os.fsencode(name)
+    return f".{os.fsdecode(raw[:100])}.{hashlib.sha256(raw).hexdigest()[:16]}."
+
+
+def _naming(path: str, e: OSError) -> OSError:
+    """``e`` as raised for ``path``, the user's file, rather than a temporary one."""
+    if e.errno is None:
+        return OSError(f"cannot write {path}: {e}")
+    return type(e)(e.errno, e.strerror, path)
 
 
 def _fsync(path: str, flags: int) -> None:
@@ -184,11 +223,16 @@ def _fsync(path: str, flags: int) -> None:
 def save_torch(path: str | os.PathLike[str], checkpoint: dict[str, Any]) -> None:
     """Writes ``checkpoint`` with ``torch.save``, atomically (see ``write_atomic``).
 
+    Each entry is first checked to load back with ``torch.load(weights_only=True)`` (its
+    tensors stood in for by empty ones, so the check costs little), so nothing is written when
+    one would not.
+
     Args:
       path: the file to write.
       checkpoint: what ``torch.save`` should store.
 
     Raises:
+      TypeError: naming the first entry that would not load back, and what it needs.
       OSError: when the file cannot be written; ``path`` is then untouched.
 
     Example:
@@ -199,7 +243,29 @@ def save_torch(path: str | os.PathLike[str], checkpoint: dict[str, Any]) -> None
       ...     torch.load(path, weights_only=True)["epoch"]
       1
     """
+    for key, value in checkpoint.items():
+        buffer = io.BytesIO()
+        try:
+            torch.save(_without_data(value), buffer)
+            buffer.seek(0)
+            torch.load(buffer, weights_only=True)
+        except Exception as e:  # pickling or safe loading refused it
+            raise TypeError(
+                f"entry {key!r} would not load back with torch.load(weights_only=True) "
+                f"({_first(e)}); store numbers, strings, lists, dicts and tensors instead"
+            ) from e
     write_atomic(path, lambda temp: torch.save(checkpoint, temp))
+
+
+def _without_data(value: Any) -> Any:
+    """``value`` with each plain tensor in its dicts, lists and tuples made empty."""
+    if type(value) in (torch.Tensor, torch.nn.Parameter) and not value.is_quantized:
+        return torch.empty(0, dtype=value.dtype)
+    if type(value) in (dict, OrderedDict):
+        return type(value)((k, _without_data(v)) for k, v in value.items())
+    if type(value) in (list, tuple):
+        return type(value)(map(_without_data, value))
+    return value
 
 
 def save_safetensors(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
 import stat
@@ -316,19 +318,24 @@ def test_safetensors_save_and_load(tmp_path, models) -> None:
         interop.save_checkpoint(path, net=net_vars, opt=object())
 
 
-def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path, models, monkeypatch) -> None:
+def test_a_full_disk_names_the_path_and_leaves_the_old_file(tmp_path, models, monkeypatch) -> None:
     path = tmp_path / "ckpt.pth"
     net_vars = interop.torch_to_flax(models[0].state_dict(), MLP_T)
     interop.save_checkpoint(path, net=net_vars, epoch=1)
     before = path.read_bytes()
+    save = torch.save
 
     def half_then_fail(obj, f):
+        if isinstance(f, io.BytesIO):  # the check that entries load back, in memory
+            return save(obj, f)
         _write(f, b"PK\x03\x04half")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f)
 
     monkeypatch.setattr(torch, "save", half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError) as e:
         interop.save_checkpoint(path, net=net_vars, epoch=2)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
+    assert str(e.value) == f"[Errno {errno.ENOSPC}] No space left on device: '{path}'"
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["ckpt.pth"]
 

@@ -1,0 +1,174 @@
+"""``interop.save_checkpoint`` on awkward targets: read-only files, symlinks, leftovers of a
+killed save, long names, unwritable folders and extras that would not load back."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pwd
+import tempfile
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import interop
+from interop._files import _temp_prefix
+
+NET = {"params": {"fc": {"kernel": np.ones((2, 3), np.float32), "bias": np.zeros(3, np.float32)}}}
+
+
+def _as_normal_user(run) -> str:
+    """``run()``'s result text, run as a user without root's right to write any file.
+
+    As root (this suite in a container), a forked child drops to ``nobody``; a normal user
+    runs it in place.
+    """
+    if os.geteuid() != 0:
+        return run()
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("running as root and there is no user 'nobody' to drop to")
+    read, write = os.pipe()
+    with warnings.catch_warnings():  # JAX warns that forking a threaded process may deadlock
+        warnings.simplefilter("ignore")
+        pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            text = run()
+        except BaseException as e:  # report everything to the parent
+            text = f"child failed: {e!r}"
+        os.write(write, text.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        text = f.read().decode()
+    os.waitpid(pid, 0)
+    return text
+
+
+@pytest.fixture
+def shared_folder():
+    """A folder that ``nobody`` owns (the pytest folders of root are closed to it)."""
+    folder = pathlib.Path(tempfile.mkdtemp())
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+    yield folder
+    for child in folder.iterdir():
+        child.unlink()
+    folder.rmdir()
+
+
+def _outcome(save) -> str:
+    try:
+        save()
+    except OSError as e:
+        return f"{type(e).__name__} {e.filename}"
+    return "saved"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_a_read_only_file_is_refused_as_torch_save_refuses_it(shared_folder, suffix) -> None:
+    path = shared_folder / f"ckpt.{suffix}"
+
+    def attempt() -> str:
+        path.write_bytes(b"old")
+        path.chmod(0o444)
+        ours = _outcome(lambda: interop.save_checkpoint(path, net=NET))
+        try:
+            torch.save({}, path)
+            theirs = "saved"
+        except (OSError, RuntimeError):  # torch's zip writer says RuntimeError
+            theirs = "refused"
+        return f"{ours} | torch.save {theirs} | {path.read_bytes()!r}"
+
+    assert _as_normal_user(attempt) == f"PermissionError {path} | torch.save refused | b'old'"
+    assert sorted(p.name for p in shared_folder.iterdir()) == [path.name]
+
+
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_a_symlink_is_written_through_to_its_target(tmp_path, suffix) -> None:
+    target, link = tmp_path / f"target.{suffix}", tmp_path / f"link.{suffix}"
+    target.write_bytes(b"old")
+    link.symlink_to(target.name)
+    interop.save_checkpoint(link, net=NET, epoch=1)
+    assert link.is_symlink() and os.readlink(link) == target.name
+    loaded = interop.load_checkpoint(target, NET)
+    np.testing.assert_array_equal(loaded["params"]["fc"]["kernel"], NET["params"]["fc"]["kernel"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, link.name])
+
+
+def test_leftovers_of_a_killed_save_are_removed_by_the_next(tmp_path) -> None:
+    path = tmp_path / "ckpt.pth"
+    prefix = _temp_prefix(path.name)
+    assert prefix.startswith(".ckpt.pth.") and len(prefix) == len(".ckpt.pth.") + 17
+    stale = [tmp_path / f"{prefix}{i:016x}.tmp" for i in range(2)]
+    other = tmp_path / f"{_temp_prefix('other.pth')}0000000000000000.tmp"
+    for p in (*stale, other):
+        p.write_bytes(b"half")
+    interop.save_checkpoint(path, net=NET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, other.name])
+
+
+@pytest.mark.parametrize("name", ["a" * 250 + ".pth", "é" * 123 + ".pth"])
+def test_temp_names_fit_the_file_name_limit_for_long_targets(tmp_path, name) -> None:
+    assert len(os.fsencode(name)) <= 255
+    prefix = _temp_prefix(name)
+    assert len(os.fsencode(prefix)) + len("0123456789abcdef.tmp") <= 139
+    assert _temp_prefix(name[:-4] + ".bin") != prefix  # same first 100 bytes, other file
+    interop.save_checkpoint(tmp_path / name, net=NET)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_errors_name_the_users_path_not_the_temp_file(tmp_path) -> None:
+    path = tmp_path / "missing" / "ckpt.pth"
+    with pytest.raises(FileNotFoundError) as e:
+        interop.save_checkpoint(path, net=NET)
+    assert e.value.filename == str(path)
+
+
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_an_unwritable_folder_is_an_os_error_naming_the_path(shared_folder, suffix) -> None:
+    path = shared_folder / f"ckpt.{suffix}"
+
+    def attempt() -> str:
+        shared_folder.chmod(0o555)
+        try:
+            return _outcome(lambda: interop.save_checkpoint(path, net=NET))
+        finally:
+            shared_folder.chmod(0o755)
+
+    assert _as_normal_user(attempt) == f"PermissionError {path}"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"opt": object()}, "entry 'opt' would not load back with torch.load(weights_only=True)"),
+        ({"ok": 1, "cfg": {"f": len}}, "entry 'cfg' would not load back"),
+        ({"sched": [1, (2, lambda: 3)]}, "entry 'sched' would not load back"),
+    ],
+)
+def test_extras_that_would_not_load_back_are_refused_before_writing(
+    tmp_path, extra, message
+) -> None:
+    path = tmp_path / "ckpt.pth"
+    with pytest.raises(TypeError) as e:
+        interop.save_checkpoint(path, net=NET, **extra)
+    assert str(e.value).startswith(message)
+    assert "store numbers, strings, lists, dicts and tensors instead" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tensor_extras_are_saved_whole_after_the_check(tmp_path) -> None:
+    big = {"state": {0: {"exp_avg": torch.ones(1000, 1000)}}, "param_groups": [{"lr": 0.1}]}
+    interop.save_checkpoint(tmp_path / "ckpt.pth", net=NET, optimizer=big)
+    back = torch.load(tmp_path / "ckpt.pth", weights_only=True)["optimizer"]
+    assert back["state"][0]["exp_avg"].sum().item() == 1_000_000.0
