@@ -254,7 +254,32 @@ def save_torch(path: str | os.PathLike[str], checkpoint: dict[str, Any]) -> None
                 f"entry {key!r} would not load back with torch.load(weights_only=True) "
                 f"({_first(e)}); store numbers, strings, lists, dicts and tensors instead"
             ) from e
-    write_atomic(path, lambda temp: torch.save(checkpoint, temp))
+    write_atomic(path, lambda temp: _torch_save(checkpoint, temp))
+
+
+def _torch_save(checkpoint: dict[str, Any], temp: str) -> None:
+    """``torch.save``, its zip writer's failures (a full disk) raised as the OSError they are.
+
+    The entries were already pickled in memory by ``save_torch``, so a RuntimeError here comes
+    from writing the file (torch reports short writes as e.g. ``unexpected pos 832 vs 726``).
+    """
+    try:
+        torch.save(checkpoint, temp)
+    except RuntimeError as e:
+        raise OSError(errno.EIO, f"torch.save could not write the file ({_first(e)})") from e
+
+
+def _safetensors_save(
+    tensors: dict[str, torch.Tensor], temp: str, metadata: dict[str, str]
+) -> None:
+    """``safetensors.torch.save_file``, its I/O failures raised as the OSError they are."""
+    try:
+        safetensors.torch.save_file(tensors, temp, metadata=metadata)
+    except safetensors.SafetensorError as e:
+        if "I/O error" not in str(e):
+            raise
+        code = re.search(r"os error (\d+)", str(e))
+        raise OSError(int(code.group(1)) if code else errno.EIO, _first(e)) from e
 
 
 def _without_data(value: Any) -> Any:
@@ -289,6 +314,4 @@ def save_safetensors(
       ...     read_file(path)
       ({'w': tensor([1., 1.])}, {'epoch': '1'})
     """
-    write_atomic(
-        path, lambda temp: safetensors.torch.save_file(dict(tensors), temp, metadata=metadata)
-    )
+    write_atomic(path, lambda temp: _safetensors_save(dict(tensors), temp, metadata))

@@ -431,8 +431,9 @@ def _probe_values(decay_fn: Callable, decay_type: str, total_steps: Any) -> None
     last = STEP_LIMIT if total_steps is None else int(total_steps)
     steps = np.unique(np.geomspace(1, last, PROBES).round().astype(np.int64))
     steps = np.unique(np.concatenate([steps, np.arange(1, min(last, 10) + 1)])).astype(np.int32)
-    weights = jax.vmap(decay_fn)(jnp.asarray(steps))
-    bad = ~np.asarray(valid_weights(weights))
+    with jax.ensure_compile_time_eval():  # concrete values, also when built inside a jit
+        weights = jax.vmap(decay_fn)(jnp.asarray(steps))
+        bad = ~np.asarray(valid_weights(weights))
     if bad.any():
         at = int(np.argmax(bad))
         d, one_minus_d = (float(np.asarray(w)[at]) for w in weights)

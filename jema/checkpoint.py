@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import numbers
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -15,20 +19,31 @@ from jema import nnx as jema_nnx
 from jema.train_state import TrainState
 
 Directory = str | os.PathLike[str] | ocp.CheckpointManager
+LOCK_NAME = ".jema-save.lock"
 
 
 def save(directory: Directory, step: int, state: Any) -> None:
     """Save the whole train state, EMA and its count included, as checkpoint ``step``.
 
+    Steps only go forward in a folder: orbax orders checkpoints by step, so a step below the
+    latest one (e.g. after resuming from an earlier checkpoint) would be skipped or, saved,
+    never be "the latest". Such a save is refused; delete the later steps or use a new folder.
+    One process saves into a folder at a time (a lock file, ``.jema-save.lock``, held for the
+    call; the processes of one multi-process run count as one).
+
     Args:
       directory: a folder (a manager is made and closed, so the save is finished on
         return) or your own ``ocp.CheckpointManager`` (its options and async saving apply).
-      step: the checkpoint's number, e.g. the training step.
+      step: the checkpoint's number, a non-negative int above every saved step there.
       state: a linen :class:`jema.TrainState` (or any pytree), or nnx objects: a module, an
         ``nnx.Optimizer`` or a tuple of them, e.g. ``(model, optimizer)``.
 
     Raises:
-      ValueError: when ``step`` is already saved there (nothing is written).
+      TypeError: when ``step`` is not an int.
+      ValueError: when ``step`` is negative, already saved there, or below a saved step
+        (nothing is written).
+      NotADirectoryError: when ``directory`` is a file.
+      BlockingIOError: when another process is saving into the same folder.
 
     Example:
       >>> import tempfile, jax.numpy as jnp, optax, jema
@@ -37,13 +52,22 @@ def save(directory: Directory, step: int, state: Any) -> None:
       ...                           tx=jema.with_ema(optax.sgd(0.1)))
       >>> save(tempfile.mkdtemp(), 0, state)
     """
-    with _manager(directory) as manager:
-        if step in manager.all_steps():
+    step = _check_step(step)
+    with _manager(directory) as manager, _exclusive(os.fspath(manager.directory)):
+        saved = sorted(manager.all_steps())
+        if step in saved:
             raise ValueError(
                 f"checkpoint step {step} already exists in {manager.directory}; orbax would "
                 "skip it silently. Save under a new step, or delete that step first."
             )
-        manager.save(step, args=ocp.args.StandardSave(_tree(state)))
+        later = [s for s in saved if s > step]
+        if later:
+            raise ValueError(
+                f"checkpoint step {step} is below saved steps {later} in {manager.directory}: "
+                "steps only go forward in a folder (restore picks the highest). When training "
+                "on from an earlier checkpoint, delete those steps or save into a new folder."
+            )
+        manager.save(step, args=ocp.args.StandardSave(_tree(state)), force=True)
 
 
 def restore(directory: Directory, template: Any, *, step: int | None = None) -> Any:
@@ -53,8 +77,9 @@ def restore(directory: Directory, template: Any, *, step: int | None = None) -> 
       directory: a folder or an ``ocp.CheckpointManager``.
       template: a state built the same way as the saved one (same model, optimizer and
         attached batch statistics), e.g. a freshly created one; only its structure, shapes
-        and dtypes are used. nnx objects (a module, an optimizer or a tuple) are updated in
-        place.
+        and dtypes are used (a Python number, e.g. ``state.replace(step=5)``, stands for
+        the saved scalar at its place, whatever its dtype). nnx objects (a module, an
+        optimizer or a tuple) are updated in place.
       step: the checkpoint to restore; None for the latest.
 
     Returns:
@@ -86,8 +111,9 @@ def restore(directory: Directory, template: Any, *, step: int | None = None) -> 
             raise FileNotFoundError(
                 f"no checkpoint step {step} in {manager.directory}; saved steps: {saved}"
             )
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(template))
-        _check_like_saved(manager.item_metadata(step), abstract)
+        metadata = manager.item_metadata(step)
+        abstract = _abstract(_tree(template), metadata)
+        _check_like_saved(metadata, abstract)
         restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     if _is_nnx(template):
         nnx.update(template, restored)
@@ -204,9 +230,57 @@ def _by_path(tree: Any) -> dict[str, Any]:
     }
 
 
+def _abstract(tree: Any, metadata: Any) -> Any:
+    """The template as shapes and dtypes; a Python number takes the saved leaf's dtype."""
+    saved = _by_path(getattr(metadata, "tree", None) or {})
+
+    def leaf(path: Any, x: Any) -> Any:
+        if isinstance(x, (bool, int, float, complex)):
+            key = jax.tree_util.keystr(path, simple=True, separator="/")
+            dtype = saved[key].dtype if key in saved else jnp.asarray(x).dtype
+            return jax.ShapeDtypeStruct((), dtype)
+        return ocp.utils.to_shape_dtype_struct(x)
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be a non-negative int; got {step!r}")
+    if step < 0:
+        raise ValueError(f"step must be a non-negative int; got {step!r}")
+    return int(step)
+
+
+@contextlib.contextmanager
+def _exclusive(directory: str) -> Iterator[None]:
+    """Hold ``directory``'s save lock (non-blocking) in the primary process of the run."""
+    if jax.process_index() != 0:
+        yield
+        return
+    path = os.path.join(directory, LOCK_NAME)
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise BlockingIOError(
+                e.errno,
+                f"another process is saving into {directory} (it holds {path}); two runs must "
+                "not share a checkpoint folder: give each its own.",
+            ) from e
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _manager(directory: Directory) -> contextlib.AbstractContextManager[ocp.CheckpointManager]:
     """A caller's manager stays open; one made here is closed (its saves finished) on exit."""
     if isinstance(directory, ocp.CheckpointManager):
         return contextlib.nullcontext(directory)
     path = os.path.abspath(os.fspath(directory))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(
+            errno.ENOTDIR, "the checkpoint folder is a file; pass a folder (new or existing)", path
+        )
     return ocp.CheckpointManager(path, item_handlers=ocp.StandardCheckpointHandler())

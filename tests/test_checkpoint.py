@@ -1,8 +1,14 @@
 """Checkpoints: bitwise-exact resume through orbax (linen, nnx), SG-layout export with the EMA."""
 
+import fcntl
+import subprocess
+import sys
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import nnx
@@ -187,3 +193,108 @@ def test_restore_refuses_a_template_that_would_cast_or_drop_the_ema(tmp_path):
     bf16 = linen_state(ema_dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match=r"ema/.*saved \(.*\) float32, template \(.*\) bfloat16"):
         restore(tmp_path / "ckpt", bf16)
+
+
+@pytest.mark.parametrize(
+    ("step", "error", "message"),
+    [
+        (-1, ValueError, "step must be a non-negative int; got -1"),
+        (2.0, TypeError, "step must be a non-negative int; got 2.0"),
+        ("3", TypeError, "step must be a non-negative int; got '3'"),
+        (True, TypeError, "step must be a non-negative int; got True"),
+    ],
+)
+def test_save_refuses_a_step_that_is_not_a_non_negative_int(tmp_path, step, error, message):
+    with pytest.raises(error, match=message):
+        save(tmp_path / "ckpt", step, linen_state())
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").glob("[0-9]*"))
+
+
+def test_a_step_below_the_latest_is_refused_not_dropped(tmp_path):
+    state = linen_state()
+    save(tmp_path / "ckpt", 10, state)
+    save(tmp_path / "ckpt", np.int64(20), state)
+    with pytest.raises(
+        ValueError, match=r"step 15 is below saved steps \[20\] in .*ckpt.*new folder"
+    ):
+        save(tmp_path / "ckpt", 15, state)
+    (tmp_path / "other").mkdir()
+    save(tmp_path / "other", 15, state)  # the advice works
+    assert_bit_identical(restore(tmp_path / "other", state), state)
+
+
+def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
+    )
+
+
+SAVE_ONE = """
+import sys, jax.numpy as jnp, optax, jema
+from jema.checkpoint import save
+state = jema.TrainState.create(apply_fn=None, params={{"w": jnp.ones(2)}},
+                               tx=jema.with_ema(optax.sgd(0.1)))
+try:
+    save({path!r}, {step}, state)
+except OSError as e:
+    print(type(e).__name__, e)
+    sys.exit(1)
+"""
+
+
+def test_saving_into_a_file_fails_at_once_and_the_process_exits(tmp_path):
+    target = tmp_path / "a-file"
+    target.write_text("mine")
+    start = time.monotonic()
+    done = run_python(SAVE_ONE.format(path=str(target), step=1))
+    assert done.returncode == 1, done.stderr
+    assert "NotADirectoryError [Errno 20] the checkpoint folder is a file" in done.stdout
+    assert str(target) in done.stdout and time.monotonic() - start < 30
+    assert target.read_text() == "mine"
+
+
+def test_a_second_process_saving_into_a_busy_folder_fails_fast(tmp_path):
+    folder = tmp_path / "ckpt"
+    save(folder, 1, linen_state())
+    with open(folder / ".jema-save.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a save in progress elsewhere
+        done = run_python(SAVE_ONE.format(path=str(folder), step=2))
+    assert done.returncode == 1, done.stderr
+    assert "BlockingIOError" in done.stdout and "another process is saving into" in done.stdout
+    assert sorted(p.name for p in folder.glob("[0-9]*")) == ["1"]
+
+
+def test_two_processes_saving_at_once_leave_only_restorable_steps(tmp_path):
+    folder = tmp_path / "ckpt"
+    code = SAVE_ONE.replace(
+        "save({path!r}, {step}, state)", "for s in {step}: save({path!r}, s, state)"
+    )
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code.format(path=str(folder), step=steps)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for steps in ([1, 3, 5], [2, 4, 6])
+    ]
+    outs = [run.communicate(timeout=120) for run in runs]
+    for run, (out, err) in zip(runs, outs, strict=True):
+        assert run.returncode in (0, 1), err
+        if run.returncode:
+            assert "another process is saving into" in out or "is below saved steps" in err + out
+    state = jema.TrainState.create(
+        apply_fn=None, params={"w": jnp.ones(2)}, tx=jema.with_ema(optax.sgd(0.1))
+    )
+    steps = sorted(int(p.name) for p in folder.glob("[0-9]*"))
+    assert steps
+    for step in steps:
+        restore(folder, state, step=step)
+
+
+def test_restore_into_a_template_with_a_python_step(tmp_path):
+    state = linen_state()
+    save(tmp_path / "ckpt", 0, state)
+    restored = restore(tmp_path / "ckpt", state.replace(step=5))
+    assert restored.step.dtype == jnp.int32 and int(restored.step) == int(state.step)
+    assert_bit_identical(restored, state)

@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming the value and what is allowed."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -205,3 +206,16 @@ def test_a_schedule_is_probed_only_up_to_total_steps(register):
 def test_counts_past_the_int32_step_counter_are_refused_when_built(name):
     with pytest.raises(ValueError, match=rf"{name} must be .*at most 2147483647.*got 2147483648"):
         jema.ema_transform(0.9, "exp", **{"total_steps": 10, name: 2**31})
+
+
+def test_a_transform_built_inside_a_jit_still_probes_its_schedule(register):
+    register("bad", NanAtStep5)
+
+    @jax.jit
+    def build_and_step(w):
+        jema.ema_transform(0.9, "threshold").init(w)  # a good one builds under tracing
+        with pytest.raises(ValueError, match=r"decay_type='bad' gives d = nan"):
+            jema.ema_transform(0.9, "bad")
+        return w
+
+    build_and_step(jnp.ones(2))

@@ -6,6 +6,8 @@ import errno
 import io
 import os
 import pickle
+import resource
+import signal
 import stat
 
 import jax
@@ -18,6 +20,7 @@ from torch import nn as tnn
 import interop
 from interop._schema import read_checkpoint
 from tests.interop_models import LinenCNN, LinenMLP, TorchCNN, TorchMLP, randomized
+from tests.unprivileged import in_child
 
 X_CNN = np.zeros((1, 8, 8, 3), np.float32)
 X_MLP = np.zeros((1, 4), np.float32)
@@ -376,3 +379,30 @@ def test_file_is_synced_before_the_rename_and_folder_after(tmp_path, models, mon
     monkeypatch.setattr(os, "replace", lambda *a: events.append("rename") or replace(*a))
     interop.save_checkpoint(tmp_path / "ckpt.pth", net=net_vars)
     assert events == ["fsync file", "rename", "fsync folder"]
+
+
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_a_real_write_limit_is_an_os_error_naming_the_path(tmp_path, models, suffix) -> None:
+    """No monkeypatching: a forked child may write at most 4 KiB per file (RLIMIT_FSIZE), as on
+    a disk that fills up mid-save; torch's zip writer then fails inside C++."""
+    path = tmp_path / f"ckpt.{suffix}"
+    small = interop.torch_to_flax(models[0].state_dict(), MLP_T)
+    interop.save_checkpoint(path, net=small)
+    before = path.read_bytes()
+    big = {"params": {"w": np.ones((64, 1024), np.float32)}}
+
+    def save_under_a_limit() -> str:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            interop.save_checkpoint(path, net=big)
+        except OSError as e:
+            return f"{e.filename}|{e}"
+        return "saved|"
+
+    outcome = in_child(save_under_a_limit)
+    filename, _, message = outcome.partition("|")
+    assert filename == str(path), outcome
+    assert "File too large" in message or "torch.save could not write the file" in message
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == [path.name]

@@ -4,10 +4,6 @@ killed save, long names, unwritable folders and extras that would not load back.
 from __future__ import annotations
 
 import os
-import pathlib
-import pwd
-import tempfile
-import warnings
 
 import numpy as np
 import pytest
@@ -15,54 +11,9 @@ import torch
 
 import interop
 from interop._files import _temp_prefix
+from tests.unprivileged import as_normal_user
 
 NET = {"params": {"fc": {"kernel": np.ones((2, 3), np.float32), "bias": np.zeros(3, np.float32)}}}
-
-
-def _as_normal_user(run) -> str:
-    """``run()``'s result text, run as a user without root's right to write any file.
-
-    As root (this suite in a container), a forked child drops to ``nobody``; a normal user
-    runs it in place.
-    """
-    if os.geteuid() != 0:
-        return run()
-    try:
-        nobody = pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("running as root and there is no user 'nobody' to drop to")
-    read, write = os.pipe()
-    with warnings.catch_warnings():  # JAX warns that forking a threaded process may deadlock
-        warnings.simplefilter("ignore")
-        pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        try:
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            text = run()
-        except BaseException as e:  # report everything to the parent
-            text = f"child failed: {e!r}"
-        os.write(write, text.encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        text = f.read().decode()
-    os.waitpid(pid, 0)
-    return text
-
-
-@pytest.fixture
-def shared_folder():
-    """A folder that ``nobody`` owns (the pytest folders of root are closed to it)."""
-    folder = pathlib.Path(tempfile.mkdtemp())
-    if os.geteuid() == 0:
-        nobody = pwd.getpwnam("nobody")
-        os.chown(folder, nobody.pw_uid, nobody.pw_gid)
-    yield folder
-    for child in folder.iterdir():
-        child.unlink()
-    folder.rmdir()
 
 
 def _outcome(save) -> str:
@@ -89,7 +40,7 @@ def test_a_read_only_file_is_refused_as_torch_save_refuses_it(shared_folder, suf
             theirs = "refused"
         return f"{ours} | torch.save {theirs} | {path.read_bytes()!r}"
 
-    assert _as_normal_user(attempt) == f"PermissionError {path} | torch.save refused | b'old'"
+    assert as_normal_user(attempt) == f"PermissionError {path} | torch.save refused | b'old'"
     assert sorted(p.name for p in shared_folder.iterdir()) == [path.name]
 
 
@@ -145,7 +96,7 @@ def test_an_unwritable_folder_is_an_os_error_naming_the_path(shared_folder, suff
         finally:
             shared_folder.chmod(0o755)
 
-    assert _as_normal_user(attempt) == f"PermissionError {path}"
+    assert as_normal_user(attempt) == f"PermissionError {path}"
 
 
 @pytest.mark.parametrize(

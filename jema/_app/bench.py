@@ -16,7 +16,6 @@ warm-up, and reported as the median of ``repeats`` runs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -30,6 +29,7 @@ import numpy as np
 import optax
 
 import jema
+from jema._app.arguments import Parser, positive_int
 
 DECAY = 0.9999
 DECAY_TYPE = "threshold"
@@ -74,31 +74,6 @@ class Row:
     rate: str
     target: str = ""
     met: bool | None = None
-
-
-def positive_int(text: str) -> int:
-    """argparse type for counts such as ``--repeats``: an int of at least 1.
-
-    Args:
-      text: the command-line value.
-
-    Returns:
-      The int.
-
-    Raises:
-      argparse.ArgumentTypeError: for anything else, naming the value.
-
-    Example:
-      >>> positive_int("3")
-      3
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int; got {text!r}")
-    return value
 
 
 def leaf_sizes(params: int, leaves: int) -> list[int]:
@@ -461,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       0
     """
     description = __doc__.splitlines()[0]
-    parser = argparse.ArgumentParser(prog="jema bench", description=description)
+    parser = Parser(prog="jema bench", description=description)
     parser.add_argument("--repeats", type=positive_int, default=20, help="timed runs per row")
     parser.add_argument(
         "--params", type=positive_int, default=25_000_000, help="total float32 weights"

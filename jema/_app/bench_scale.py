@@ -26,6 +26,7 @@ import optax
 from flax import linen as nn
 
 import jema
+from jema._app.arguments import Parser, positive_int
 from jema._app.bench import (
     DECAY,
     DECAY_TYPE,
@@ -36,7 +37,6 @@ from jema._app.bench import (
     format_table,
     jax_tree,
     leaf_sizes,
-    positive_int,
     time_cases,
 )
 
@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       | (g) EMA update, 8-device mesh | ... | collectives in the step: none |  |  |
       0
     """
-    parser = argparse.ArgumentParser(prog="jema bench-scale", description=__doc__)
+    parser = Parser(prog="jema bench-scale", description=__doc__)
     parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs per row")
     parser.add_argument("--width", type=positive_int, default=1536, help="MLP width for (e)")
     parser.add_argument("--batch", type=positive_int, default=64, help="batch size for (e)")

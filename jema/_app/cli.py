@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from jema._app.bench import positive_int
+from jema._app.arguments import Parser, non_negative_int, output_folder, positive_int
 from jema._app.demo import DemoConfig
 
 BENCHMARKS = {
@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       >>> main(["inspect", "no-such-file.pth"])  # the error goes to stderr
       1
     """
-    parser = argparse.ArgumentParser(prog="jema", description=__doc__)
+    parser = Parser(prog="jema", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     for name, help_text in BENCHMARKS.items():
@@ -44,9 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--decay", type=float, default=defaults.decay, help="EMA decay, in (0, 1)")
     demo.add_argument("--decay-type", default=defaults.decay_type, help="registered schedule name")
-    demo.add_argument("--out", default=defaults.out, help="output folder")
+    demo.add_argument("--out", type=output_folder, default=defaults.out, help="output folder")
     demo.add_argument("--kd", action="store_true", help="distill a student from a teacher")
-    demo.add_argument("--seed", type=int, default=defaults.seed, help="initialisation and batches")
+    demo.add_argument(
+        "--seed", type=non_negative_int, default=defaults.seed, help="initialisation and batches"
+    )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -87,6 +89,9 @@ def _demo(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         print(f"jema demo: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"jema demo: cannot write the outputs: {e}", file=sys.stderr)
+        return 1
     for kind, path in summary["files"].items():
         print(f"wrote {kind}: {path}")
     return 0 if summary["torch_agrees"] is not False else 1

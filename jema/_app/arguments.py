@@ -1,0 +1,115 @@
+"""argparse types of the command line: each refuses a bad value with a line naming it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr, exit status 2.
+
+    Example:
+      >>> Parser(prog="jema").prog
+      'jema'
+    """
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: message`` and exit with status 2 (argparse's usage-error status).
+
+        Args:
+          message: what is wrong, naming the flag.
+
+        Raises:
+          SystemExit: always, with status 2.
+
+        Example:
+          >>> Parser(prog="jema").parse_args(["--nope"])
+          Traceback (most recent call last):
+          SystemExit: 2
+        """
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts such as ``--repeats``: an int of at least 1.
+
+    Args:
+      text: the command-line value.
+
+    Returns:
+      The int.
+
+    Raises:
+      argparse.ArgumentTypeError: for anything else, naming the value.
+
+    Example:
+      >>> positive_int("3")
+      3
+    """
+    return _int_at_least(text, 1, "a positive int")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for seeds: an int of at least 0.
+
+    Args:
+      text: the command-line value.
+
+    Returns:
+      The int.
+
+    Raises:
+      argparse.ArgumentTypeError: for anything else, naming the value.
+
+    Example:
+      >>> non_negative_int("0")
+      0
+    """
+    return _int_at_least(text, 0, "a non-negative int")
+
+
+def output_folder(text: str) -> str:
+    """argparse type for ``--out``: a folder that exists or can be made, and written to.
+
+    Nothing is created here; the command makes the folder once all its settings are good.
+
+    Args:
+      text: the command-line value.
+
+    Returns:
+      ``text``.
+
+    Raises:
+      argparse.ArgumentTypeError: for an empty value, a path that is a file (or lies under
+        one), or a place this user cannot write to.
+
+    Example:
+      >>> output_folder("jema-demo")
+      'jema-demo'
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder; got an empty path")
+    existing = os.path.abspath(text)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a folder ({existing!r} is a file); pass a folder to write into"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(
+            f"cannot write into {existing!r} (to make or fill {text!r}); pick a writable folder"
+        )
+    return text
+
+
+def _int_at_least(text: str, least: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {what}; got {text!r}")
+    return value
