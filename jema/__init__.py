@@ -8,6 +8,7 @@ use: ``jema.TrainState`` and ``jema.finalize`` (linen), ``jema.nnx``, ``jema.kd`
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
 from jema._schedules import (
@@ -38,6 +39,11 @@ if TYPE_CHECKING:
     from jema import nnx as nnx
     from jema.train_state import TrainState as TrainState
     from jema.train_state import finalize as finalize
+
+try:
+    __version__ = importlib.metadata.version("jema")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    __version__ = "0+unknown"
 
 _LAZY_MODULES = ("checkpoint", "kd", "nnx")
 _LAZY_NAMES = {"TrainState": "jema.train_state", "finalize": "jema.train_state"}

@@ -36,7 +36,9 @@ def _threshold_weights(decay: ArrayLike, step: ArrayLike) -> Weights:
     return d, jnp.maximum(_one_minus(decay, s.dtype), 9.0 / (10.0 + s))
 
 
-def _exp_weights(decay: ArrayLike, step: ArrayLike, total_steps: ArrayLike, beta: float) -> Weights:
+def _exp_weights(
+    decay: ArrayLike, step: ArrayLike, total_steps: ArrayLike, beta: ArrayLike
+) -> Weights:
     s = jnp.asarray(step, _float_dtype())
     ramp = jnp.exp(-jnp.asarray(beta, s.dtype) * s / total_steps)
     d = jnp.asarray(decay, s.dtype)
@@ -359,7 +361,7 @@ def real_inside(x: Any, low: float, high: float) -> float | None:
     """
     if isinstance(x, bool) or not isinstance(x, (numbers.Real, np.ndarray, np.generic, jax.Array)):
         return None
-    if np.ndim(x) != 0:
+    if getattr(x, "ndim", 0) != 0:
         return None
     dtype = np.asarray(x).dtype
     if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):

@@ -21,7 +21,7 @@ class WeightEmaState(NamedTuple):
         :func:`jema.attach_batch_stats` gives the EMA its initial ones.
     """
 
-    count: jax.Array  # shape=(), int32
+    count: jax.Array  # type: ignore[assignment]  # shape=(), int32; optax's name, hides tuple.count
     ema: optax.Params  # tree of the params' shapes, ema_dtype (default: each param's dtype)
     batch_stats: Any  # None, or a tree of the model's batch statistics' shapes
 

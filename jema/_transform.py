@@ -73,8 +73,8 @@ def ema_transform(
       >>> [round(x, 6) for x in jema.ema_params(state)["w"].tolist()]  # 0.9 * 1 + 0.1 * 0.9
       [0.99, 0.99]
     """
-    every_k_steps = check_every_k_steps(every_k_steps)
-    weights_at = decay_weights_fn(decay, decay_type, total_steps, decay_kwargs, every_k_steps)
+    k = check_every_k_steps(every_k_steps)
+    weights_at = decay_weights_fn(decay, decay_type, total_steps, decay_kwargs, k)
     ema_dtype = _check_ema_dtype(ema_dtype)
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f"skip_nonfinite must be True or False; got {skip_nonfinite!r}")
@@ -109,10 +109,10 @@ def ema_transform(
                 return ema, state.batch_stats
             return ema, average_tree(state.batch_stats, batch_stats, weights)
 
-        if isinstance(every_k_steps, int) and every_k_steps == 1 and not skip_nonfinite:
+        if isinstance(k, int) and k == 1 and not skip_nonfinite:
             ema, stats = average(None)
         else:
-            due = count % every_k_steps == 0
+            due = count % k == 0
             if skip_nonfinite:
                 finite = all_finite(optax.apply_updates(params, updates), batch_stats)
                 finite = jnp.logical_and(finite, valid_weights(weights))

@@ -166,7 +166,7 @@ def check_same_structure(attached: Any, given: Any, name: str, missing_hint: str
         raise ValueError(
             f"update(..., {name}=...) was given but the EMA holds no {name}: {missing_hint}"
         )
-    if jax.tree.structure(attached, is_leaf=is_none) != jax.tree.structure(given, is_leaf=is_none):
+    if not _same_structure(attached, given):
         raise ValueError(
             f"the {name} given to update have a different structure from the EMA's: "
             f"{_structure_diff(attached, given)}"
@@ -242,6 +242,11 @@ def cast_like(raw: Any, ema: Any) -> Any:
     return jax.tree.map(
         lambda e, r: jnp.array(e, dtype=jnp.asarray(r).dtype, copy=True), fill_masked(raw, ema), raw
     )
+
+
+def _same_structure(a: Any, b: Any) -> bool:
+    structures: list[Any] = [jax.tree.structure(t, is_leaf=is_none) for t in (a, b)]
+    return bool(structures[0] == structures[1])
 
 
 def _paths(tree: Any) -> set[str]:

@@ -8,7 +8,7 @@ import fcntl
 import numbers
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ from flax import nnx
 from jema import nnx as jema_nnx
 from jema.train_state import TrainState
 
-Directory = str | os.PathLike[str] | ocp.CheckpointManager
+Directory: TypeAlias = str | os.PathLike[str] | ocp.CheckpointManager
 LOCK_NAME = ".jema-save.lock"
 
 
@@ -152,7 +152,7 @@ def export_pth(
       >>> from jema.train_state import TrainState
       >>> state = TrainState.create(apply_fn=None, params={"fc": {"kernel": jnp.ones((2, 3))}},
       ...                           tx=jema.with_ema(optax.sgd(0.1)))
-      >>> export_pth(os.path.join(tempfile.mkdtemp(), "ckpt.pth"), state, epoch=1)
+      >>> export_pth(os.path.join(tempfile.mkdtemp(), "ckpt.safetensors"), state, epoch=1)
     """
     import interop
 
@@ -167,7 +167,7 @@ def export_pth(
 
 def _net_and_ema(student: Any) -> tuple[Any, Any]:
     if isinstance(student, TrainState):
-        net = {"params": student.params}
+        net: Any = {"params": student.params}
         if student.batch_stats is not None:
             net["batch_stats"] = student.batch_stats
         return net, student.ema_variables()

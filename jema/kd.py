@@ -103,7 +103,7 @@ def kd_logits_loss(
 
 
 def linen_kd_steps(
-    teacher_apply_fn: Callable[..., jax.Array],
+    teacher_apply_fn: Callable[..., Any],
     *,
     distillation_loss_coeff: float = 0.5,
     task_loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
@@ -274,5 +274,5 @@ def _eval_view(module: nnx.Module) -> nnx.Module:
 def _check_coeff(coeff: Any) -> None:
     if isinstance(coeff, jax.core.Tracer):
         return
-    if isinstance(coeff, bool) or not isinstance(coeff, numbers.Real) or not 0 <= coeff <= 1:
+    if isinstance(coeff, bool) or not isinstance(coeff, numbers.Real) or not 0 <= float(coeff) <= 1:
         raise ValueError(f"distillation_loss_coeff must be a number in [0, 1]; got {coeff!r}")

@@ -5,6 +5,7 @@ so CI cannot turn red on a case no developer has seen. To explore new cases, run
 ``HYPOTHESIS_PROFILE=explore`` (random draws, 200 examples per test).
 """
 
+import importlib.util
 import os
 import pathlib
 import pwd
@@ -30,3 +31,25 @@ def shared_folder():
     for child in folder.iterdir():
         child.unlink()
     folder.rmdir()
+
+
+TORCH_MISSING = importlib.util.find_spec("torch") is None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without torch (e.g. on Python 3.12, where PyPI's torch is a multi-GB CUDA build), skip
+    the doctests and notebooks that import it, saying so; the rest of the suite runs."""
+    if not TORCH_MISSING:
+        return
+    reason = "needs torch, which is not installed (pip install 'jema[torch]')"
+    for item in items:
+        if _uses_torch(item):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _uses_torch(item) -> bool:
+    test = getattr(item, "dtest", None)
+    if test is not None:
+        return any("torch" in example.source for example in test.examples)
+    path = pathlib.Path(str(item.fspath))
+    return path.suffix == ".ipynb" and "import torch" in path.read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 import textwrap
@@ -23,7 +24,12 @@ def _public_functions() -> list[tuple[str, object]]:
         for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
             if info.name.endswith("__main__"):
                 continue
-            module = importlib.import_module(info.name)
+            try:
+                module = importlib.import_module(info.name)
+            except ModuleNotFoundError as e:
+                if e.name != "torch" or importlib.util.find_spec("torch") is not None:
+                    raise
+                continue  # a module built on torch (the demo's twin), when torch is missing
             for name, value in vars(module).items():
                 owners = [value] if inspect.isclass(value) else []
                 functions = [(name, value)] if inspect.isfunction(value) else []

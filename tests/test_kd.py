@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,6 +21,7 @@ loss_fn = jax.jit(kd_logits_loss, static_argnames="distillation_loss_coeff")
 
 
 def torch_kd_loss(student, teacher, labels, coeff):
+    torch = pytest.importorskip("torch")
     s, t = torch.from_numpy(np.asarray(student)), torch.from_numpy(np.asarray(teacher))
     task = torch.nn.CrossEntropyLoss()(s, torch.from_numpy(np.asarray(labels)).long())
     kd = torch.nn.KLDivLoss(reduction="batchmean")(
@@ -200,6 +200,7 @@ def test_nnx_kd_step_freezes_teacher_and_evaluates_the_ema_student():
 
 
 def test_task_loss_ignores_label_minus_100_like_torch():
+    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(7)
     logits = rng.normal(size=(6, 4)).astype(np.float32)
     labels = np.array([1, -100, 3, 0, -100, 2])

@@ -5,9 +5,12 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
 import jema
+
+torch = pytest.importorskip(
+    "torch", reason="the README's checkpoint example is checked against PyTorch"
+)
 
 README = pathlib.Path(__file__).parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)

@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +85,9 @@ def model_step_case(name: str, tx: optax.GradientTransformation, width: int, bat
     params = model.init(jax.random.key(0), x)["params"]
 
     def train_step(params: Any, opt_state: Any, x: jax.Array) -> tuple[Any, Any]:
-        grads = jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x) ** 2))(params)
+        grads = jax.grad(lambda p: jnp.mean(cast(jax.Array, model.apply({"params": p}, x)) ** 2))(
+            params
+        )
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
@@ -188,7 +190,7 @@ def _sharded_rows(params: int, leaves: int, repeats: int) -> list[Row]:
     one = ema_case(sizes, name="(g) EMA update, 1 device", where=jax.devices()[0])
     mesh_case = ema_case(sizes, name=f"(g) EMA update, {MESH_DEVICES}-device mesh", where=sharding)
     update = jax.jit(jema.ema_transform(DECAY, DECAY_TYPE).update, donate_argnums=(0, 1))
-    hlo = update.lower(*mesh_case.carry).compile().as_text()
+    hlo = update.lower(*mesh_case.carry).compile().as_text() or ""
     seconds = time_cases([one, mesh_case], repeats)
     collectives = [op for op in COLLECTIVES if op in hlo]
     note = f"collectives in the step: {', '.join(collectives) or 'none'}"

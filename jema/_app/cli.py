@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from jema._app.about import foreign_interop, version_report
 from jema._app.arguments import Parser, non_negative_int, output_folder, positive_int
 from jema._app.demo import DemoConfig
 
@@ -22,14 +23,18 @@ def main(argv: Sequence[str] | None = None) -> int:
       argv: the arguments after the program name; None reads ``sys.argv``.
 
     Returns:
-      The exit status.
+      The exit status: 0 on success, 1 on a failure, 2 on a usage error (one line on stderr,
+      no traceback, for both).
 
     Example:
       >>> main(["inspect", "no-such-file.pth"])  # the error goes to stderr
       1
     """
     parser = Parser(prog="jema", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--version", action="store_true", help="versions of jema and its stack; interop's origin"
+    )
+    commands = parser.add_subparsers(dest="command")
 
     for name, help_text in BENCHMARKS.items():
         commands.add_parser(name, help=f"{help_text}; see jema {name} --help", add_help=False)
@@ -61,12 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return bench_scale_main(argv[1:])
     args = parser.parse_args(argv)
+    if args.version:
+        print(version_report())
+        return 0
     if args.command == "inspect":
         return _inspect(args.checkpoint)
     if args.command == "demo":
         return _demo(args)
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    parser.error("a command is required: demo, bench, bench-scale or inspect")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -85,7 +92,7 @@ def _demo(args: argparse.Namespace) -> int:
         summary = run(config)
     except ImportError as e:
         print(f"jema demo needs its extras: pip install 'jema[demo]' ({e})", file=sys.stderr)
-        return 2
+        return 1
     except (ValueError, TypeError) as e:
         print(f"jema demo: {e}", file=sys.stderr)
         return 2
@@ -98,14 +105,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _inspect(path: str) -> int:
-    try:
-        from interop import inspect_checkpoint
-    except ImportError as e:
-        print(f"jema inspect needs PyTorch: pip install 'jema[torch]' ({e})", file=sys.stderr)
-        return 2
+    problem = foreign_interop()
+    if problem:
+        print(f"jema inspect: interop {problem}", file=sys.stderr)
+        return 1
+    from interop import inspect_checkpoint
+
     try:
         print(inspect_checkpoint(path))
-    except (OSError, ValueError) as e:
+    except (ImportError, OSError, ValueError) as e:
         print(f"jema inspect: {e}", file=sys.stderr)
         return 1
     return 0

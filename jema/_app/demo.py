@@ -136,7 +136,7 @@ def _plain_step(state: TrainState, x: jax.Array, y: jax.Array) -> TrainState:
 
 def _train(
     state: TrainState,
-    step_fn: Callable[[TrainState, jax.Array, jax.Array], TrainState],
+    step_fn: Callable[[TrainState, np.ndarray, np.ndarray], TrainState],
     data: tuple[np.ndarray, ...],
     config: DemoConfig,
     label: str,
@@ -209,6 +209,7 @@ def _write_outputs(
 
 def _plot(history: History, teacher_accuracy: float | None, path: str, config: DemoConfig) -> None:
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+    from matplotlib.ticker import MaxNLocator
 
     epochs = np.arange(1, len(history.raw) + 1)
     fig = Figure(figsize=(7, 4))
@@ -224,7 +225,7 @@ def _plot(history: History, teacher_accuracy: float | None, path: str, config: D
         ax.axhline(100 * teacher_accuracy, color="k", ls="--", label="teacher (EMA)")
     title = "jema demo: KD student (width 8)" if config.kd else "jema demo: digits CNN"
     ax.set(xlabel="epoch", ylabel="validation accuracy [%]", title=title)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
