@@ -11,6 +11,7 @@ import importlib
 import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
+from jema._power import gamma_to_sigma_rel, sigma_rel_to_gamma
 from jema._schedules import (
     EMA_DECAY_FUNCTIONS,
     ConstantDecay,
@@ -24,6 +25,7 @@ from jema._schedules import (
     exp as exp,  # public as jema.exp; left out of __all__
 )
 from jema._state import (
+    PowerEmaState,
     WeightEmaState,
     attach_batch_stats,
     ema_batch_stats,
@@ -31,12 +33,13 @@ from jema._state import (
     ema_params,
     find_ema_state,
 )
-from jema._transform import ema_transform, with_ema
+from jema._transform import ema_transform, power_ema, with_ema
 
 if TYPE_CHECKING:
     from jema import checkpoint as checkpoint
     from jema import kd as kd
     from jema import nnx as nnx
+    from jema import posthoc as posthoc
     from jema.train_state import TrainState as TrainState
     from jema.train_state import finalize as finalize
 
@@ -45,7 +48,7 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
     __version__ = "0+unknown"
 
-_LAZY_MODULES = ("checkpoint", "kd", "nnx")
+_LAZY_MODULES = ("checkpoint", "kd", "nnx", "posthoc")
 _LAZY_NAMES = {"TrainState": "jema.train_state", "finalize": "jema.train_state"}
 
 # ``from jema import *`` binds the core only, so it loads no flax and hides no common name:
@@ -57,6 +60,7 @@ __all__ = [
     "ExpDecay",
     "IDecayFunction",
     "ThresholdDecay",
+    "PowerEmaState",
     "WeightEmaState",
     "attach_batch_stats",
     "constant",
@@ -65,6 +69,9 @@ __all__ = [
     "ema_params",
     "ema_transform",
     "find_ema_state",
+    "gamma_to_sigma_rel",
+    "power_ema",
+    "sigma_rel_to_gamma",
     "threshold",
     "with_ema",
 ]

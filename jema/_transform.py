@@ -1,7 +1,9 @@
-"""The EMA of model weights as an optax ``GradientTransformationExtraArgs``."""
+"""The EMAs of model weights as optax ``GradientTransformationExtraArgs``: SuperGradients'
+(:func:`ema_transform`) and the power-function EMAs of EDM2 (:func:`power_ema`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -9,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jema._schedules import check_every_k_steps, decay_weights_fn, valid_weights
-from jema._state import WeightEmaState
-from jema._trees import all_finite, average_tree, check_same_structure, copy_floating
+from jema._power import power_weights, sigma_rel_to_gamma, width_key
+from jema._schedules import Weights, check_every_k_steps, decay_weights_fn, valid_weights
+from jema._state import EmaState, PowerEmaState, WeightEmaState
+from jema._trees import all_finite, average_trees, check_same_structure, copy_floating
 
 NO_PARAMS = (
     "ema_transform requires the current value of parameters: pass them to update, "
@@ -75,51 +78,147 @@ def ema_transform(
     """
     k = check_every_k_steps(every_k_steps)
     weights_at = decay_weights_fn(decay, decay_type, total_steps, decay_kwargs, k)
+    return _averaging(
+        lambda count: [weights_at(count)],
+        ["ema"],
+        ema_dtype=ema_dtype,
+        every_k_steps=k,
+        skip_nonfinite=skip_nonfinite,
+    )
+
+
+def power_ema(
+    sigma_rels: Sequence[float] = (0.05, 0.10),
+    *,
+    ema_dtype: Any = None,
+    every_k_steps: int = 1,
+    skip_nonfinite: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Power-function EMAs of several widths (EDM2), for post-hoc EMA; chained last.
+
+    At the t-th optimizer step (1-based) each width uses ``β = (1 - 1/t)**(γ + 1)``, γ from
+    :func:`jema.sigma_rel_to_gamma`: the EMA averages the weights so far with a window that
+    stays a fixed fraction of training. All widths are updated in one fused pass that reads
+    the params once. Save snapshots with :func:`jema.posthoc.save_snapshot` to choose another
+    width after training (:func:`jema.posthoc.reconstruct`).
+
+    Args:
+      sigma_rels: the tracked widths, each in (0, 1/√12), distinct.
+      ema_dtype: dtype of the averaged weights (e.g. ``jnp.float32`` for bf16 params);
+        None keeps each param's dtype.
+      every_k_steps: average only on every k-th step with the exact ``(1 - k/t)**(γ + 1)``;
+        the work is skipped on the other steps.
+      skip_nonfinite: when the new weights (or batch statistics) hold a NaN or Inf, keep the
+        EMAs and the count as they were for that step.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a ``PowerEmaState``.
+
+    Raises:
+      ValueError: a width outside (0, 1/√12), none or repeated widths, a bad every_k_steps.
+      TypeError: a non-floating ema_dtype, a non-bool skip_nonfinite.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jema
+      >>> tx = optax.chain(optax.sgd(1.0), jema.power_ema((0.05, 0.10)))
+      >>> params = {"w": jnp.zeros(2)}
+      >>> _, state = tx.update({"w": -jnp.ones(2)}, tx.init(params), params)
+      >>> jema.ema_params(state, sigma_rel=0.05)["w"].tolist()  # step 1: a copy
+      [1.0, 1.0]
+    """
+    if isinstance(sigma_rels, (int, float)) or not sigma_rels:
+        raise ValueError(f"sigma_rels must be a non-empty sequence of widths; got {sigma_rels!r}")
+    gammas = tuple(sigma_rel_to_gamma(s) for s in sigma_rels)
+    keys = [width_key(s) for s in sigma_rels]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"sigma_rels must be distinct; got {tuple(sigma_rels)!r}")
+    k = check_every_k_steps(every_k_steps)
+    return _averaging(
+        lambda count: power_weights(count, gammas, k),
+        keys,
+        ema_dtype=ema_dtype,
+        every_k_steps=k,
+        skip_nonfinite=skip_nonfinite,
+        power=True,
+    )
+
+
+def _averaging(
+    weights_at: Callable[[jax.Array], list[Weights]],
+    keys: list[str],
+    *,
+    ema_dtype: Any,
+    every_k_steps: int | jax.Array,
+    skip_nonfinite: bool,
+    power: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """The transform both EMAs share: init copies, update averages every EMA in one pass.
+
+    ``weights_at(count)`` gives one ``(d, 1 - d)`` per key; SG's EMA has the one key "ema"
+    (a :class:`WeightEmaState`), a power EMA one per width (a :class:`PowerEmaState`).
+    """
     ema_dtype = _check_ema_dtype(ema_dtype)
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f"skip_nonfinite must be True or False; got {skip_nonfinite!r}")
+    k = every_k_steps
 
-    def init_fn(params: optax.Params) -> WeightEmaState:
+    def pack(count: jax.Array, emas: list[Any], stats: list[Any] | None) -> EmaState:
+        if power:
+            by_key = None if stats is None else dict(zip(keys, stats, strict=True))
+            return PowerEmaState(count, dict(zip(keys, emas, strict=True)), by_key)
+        return WeightEmaState(count, emas[0], None if stats is None else stats[0])
+
+    def unpack(state: EmaState) -> tuple[list[Any], list[Any] | None]:
+        if isinstance(state, PowerEmaState):
+            stats = state.batch_stats
+            return [state.emas[key] for key in keys], (
+                None if stats is None else [stats[key] for key in keys]
+            )
+        return [state.ema], None if state.batch_stats is None else [state.batch_stats]
+
+    def init_fn(params: optax.Params) -> EmaState:
         if params is None:
             raise ValueError(NO_PARAMS)
-        ema = copy_floating(params, ema_dtype)
-        return WeightEmaState(count=jnp.zeros([], jnp.int32), ema=ema, batch_stats=None)
+        emas = [copy_floating(params, ema_dtype) for _ in keys]
+        return pack(jnp.zeros([], jnp.int32), emas, None)
 
     def update_fn(
         updates: optax.Updates,
-        state: WeightEmaState,
+        state: EmaState,
         params: optax.Params | None = None,
         *,
         batch_stats: Any = None,
         **extra_args: Any,
-    ) -> tuple[optax.Updates, WeightEmaState]:
+    ) -> tuple[optax.Updates, EmaState]:
         del extra_args
         if params is None:
             raise ValueError(NO_PARAMS)
-        check_same_structure(state.ema, params, "params")
+        emas, stats = unpack(state)
+        check_same_structure(emas[0], params, "params")
         if batch_stats is not None:
-            check_same_structure(state.batch_stats, batch_stats, "batch_stats", ATTACH_HINT)
+            attached = None if stats is None else stats[0]
+            check_same_structure(attached, batch_stats, "batch_stats", ATTACH_HINT)
         count = optax.safe_increment(state.count)
-
         weights = weights_at(count)
 
-        def average(_: None) -> tuple[Any, Any]:
-            ema = average_tree(state.ema, optax.apply_updates(params, updates), weights)
-            if batch_stats is None:
-                return ema, state.batch_stats
-            return ema, average_tree(state.batch_stats, batch_stats, weights)
+        def average(_: None) -> tuple[list[Any], list[Any] | None]:
+            new_emas = average_trees(emas, optax.apply_updates(params, updates), weights)
+            if batch_stats is None or stats is None:
+                return new_emas, stats
+            return new_emas, average_trees(stats, batch_stats, weights)
 
         if isinstance(k, int) and k == 1 and not skip_nonfinite:
-            ema, stats = average(None)
+            new_emas, new_stats = average(None)
         else:
             due = count % k == 0
             if skip_nonfinite:
                 finite = all_finite(optax.apply_updates(params, updates), batch_stats)
-                finite = jnp.logical_and(finite, valid_weights(weights))
+                for pair in weights:
+                    finite = jnp.logical_and(finite, valid_weights(pair))
                 due = jnp.logical_and(due, finite)
                 count = jnp.where(finite, count, state.count)
-            ema, stats = jax.lax.cond(due, average, lambda _: (state.ema, state.batch_stats), None)
-        return updates, WeightEmaState(count=count, ema=ema, batch_stats=stats)
+            new_emas, new_stats = jax.lax.cond(due, average, lambda _: (emas, stats), None)
+        return updates, pack(count, new_emas, new_stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -130,17 +130,46 @@ def average_tree(ema: Any, new: Any, weights: tuple[jax.Array, jax.Array]) -> An
       >>> average_tree({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, (0.75, 0.25))["w"].tolist()
       [0.25, 0.25]
     """
+    return average_trees([ema], new, [weights])[0]
 
-    def average(e: Any, n: Any) -> Any:
-        if e is None or not jnp.issubdtype(e.dtype, jnp.floating):
-            return e
-        compute = compute_dtype(e.dtype)
-        d, one_minus_d = (jnp.asarray(w, compute) for w in weights)
-        return (e.astype(compute) * d + one_minus_d * jnp.asarray(n).astype(compute)).astype(
-            e.dtype
-        )
 
-    return jax.tree.map(average, ema, new, is_leaf=is_none)
+def average_trees(emas: list[Any], new: Any, weights: list[tuple[Any, Any]]) -> list[Any]:
+    """:func:`average_tree` of several EMAs of the same values, in one pass over ``new``.
+
+    Each leaf of ``new`` is read once and mixed into every EMA, so XLA fuses the widths into
+    one loop (one read of the params, one read and write per EMA).
+
+    Args:
+      emas: the running averages, each with the structure of ``new``.
+      new: the newest values.
+      weights: one ``(d, 1 - d)`` pair per EMA.
+
+    Returns:
+      The new averages, in the order of ``emas``.
+
+    Example:
+      >>> out = average_trees([jnp.zeros(1), jnp.ones(1)], jnp.full(1, 2.0), [(0.5, 0.5)] * 2)
+      >>> [o.tolist() for o in out]
+      [[1.0], [1.5]]
+    """
+    if not emas:
+        return []
+    treedef = jax.tree.structure(emas[0], is_leaf=is_none)
+    news = treedef.flatten_up_to(new)
+    columns = [treedef.flatten_up_to(ema) for ema in emas]
+    mixed: list[list[Any]] = [[] for _ in emas]
+    for i, n in enumerate(news):
+        for out, column, w in zip(mixed, columns, weights, strict=True):
+            out.append(_mix(column[i], n, w))
+    return [treedef.unflatten(leaves) for leaves in mixed]
+
+
+def _mix(e: Any, n: Any, weights: tuple[Any, Any]) -> Any:
+    if e is None or not jnp.issubdtype(e.dtype, jnp.floating):
+        return e
+    compute = compute_dtype(e.dtype)
+    d, one_minus_d = (jnp.asarray(w, compute) for w in weights)
+    return (e.astype(compute) * d + one_minus_d * jnp.asarray(n).astype(compute)).astype(e.dtype)
 
 
 def check_same_structure(attached: Any, given: Any, name: str, missing_hint: str = "") -> None:

@@ -1,0 +1,133 @@
+"""The power-function EMA (Karras et al. 2023, EDM2): its width σ_rel, exponent γ, and decay.
+
+At the t-th optimizer step (1-based) an EMA of exponent γ averages the weights seen so far with
+the profile ``p(τ) = (γ + 1) / t · (τ / t)**γ`` on ``[0, t]``, through the decay
+``β_t = (1 - 1/t)**(γ + 1)``; every k steps the exact decay is ``(1 - k/t)**(γ + 1)``. σ_rel
+is the profile's standard deviation in units of t: ``σ_rel² = (γ + 1) / ((γ + 2)² (γ + 3))``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SIGMA_REL_MAX = 1 / math.sqrt(12)  # γ = 0: the uniform average of all steps so far
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent γ of the power-function EMA whose relative width is ``sigma_rel``.
+
+    γ is the largest real root of ``γ³ + 7γ² + (16 - σ⁻²)γ + (12 - σ⁻²) = 0``, the only
+    positive one for ``0 < σ_rel < 1/√12``; found in float64 and polished by Newton steps.
+
+    Args:
+      sigma_rel: the width, strictly inside (0, 1/√12 ≈ 0.2887).
+
+    Returns:
+      γ, a positive float (exact to about 1e-12 relative).
+
+    Raises:
+      ValueError: naming ``sigma_rel`` when it is not a finite number in that range.
+
+    Example:
+      >>> round(sigma_rel_to_gamma(0.05), 9)
+      16.972198602
+    """
+    s = _check_sigma_rel(sigma_rel)
+    inv = 1.0 / (s * s)
+    coefficients = [1.0, 7.0, 16.0 - inv, 12.0 - inv]
+    roots = np.roots(coefficients)
+    gamma = float(max(r.real for r in roots if abs(r.imag) < 1e-9 * max(1.0, abs(r))))
+    for _ in range(4):
+        value = ((gamma + 7.0) * gamma + 16.0 - inv) * gamma + 12.0 - inv
+        slope = (3.0 * gamma + 14.0) * gamma + 16.0 - inv
+        gamma -= value / slope
+    return gamma
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """The relative width σ_rel of the power-function EMA of exponent ``gamma``.
+
+    Args:
+      gamma: the exponent, a positive finite number.
+
+    Returns:
+      ``sqrt((γ + 1) / ((γ + 2)² (γ + 3)))``, in (0, 1/√12).
+
+    Raises:
+      ValueError: naming ``gamma`` when it is not a positive finite number.
+
+    Example:
+      >>> round(gamma_to_sigma_rel(6.937203937601809), 12)
+      0.1
+    """
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float, np.floating, np.integer)):
+        raise ValueError(f"gamma must be a positive finite number; got {gamma!r}")
+    g = float(gamma)
+    if not 0.0 < g < math.inf:
+        raise ValueError(f"gamma must be a positive finite number; got {gamma!r}")
+    return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
+
+
+def width_key(sigma_rel: float) -> str:
+    """The name a tracked width goes by in states and snapshots: ``repr`` of the float.
+
+    Args:
+      sigma_rel: the width.
+
+    Returns:
+      A string that ``float()`` turns back into the same width, exactly.
+
+    Example:
+      >>> width_key(0.05), float(width_key(0.05)) == 0.05
+      ('0.05', True)
+    """
+    return repr(float(sigma_rel))
+
+
+def power_weights(step: Any, gammas: tuple[float, ...], every_k_steps: int = 1) -> list[Any]:
+    """``(β, 1 - β)`` of each exponent at the 1-based ``step``, formed without cancellation.
+
+    ``β = (1 - k/t)**(γ + 1)`` through ``exp``/``log1p``, ``1 - β`` through ``expm1``; at
+    ``t = k`` (the first averaging step) β is 0 and the EMA becomes a copy.
+
+    Args:
+      step: the 1-based optimizer step t (may be traced), a multiple of ``every_k_steps``.
+      gammas: the exponents.
+      every_k_steps: k, the steps between averagings.
+
+    Returns:
+      One ``(β, 1 - β)`` pair of float32 scalars per exponent (float64 with x64 enabled).
+
+    Example:
+      >>> [round(float(w), 6) for w in power_weights(4, (1.0,))[0]]
+      [0.5625, 0.4375]
+    """
+    dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+    log_keep = jnp.log1p(-every_k_steps / jnp.asarray(step, dtype))
+    pairs = []
+    for gamma in gammas:
+        exponent = (gamma + 1.0) * log_keep
+        pairs.append((jnp.exp(exponent), -jnp.expm1(exponent)))
+    return pairs
+
+
+def _check_sigma_rel(sigma_rel: Any) -> float:
+    if isinstance(sigma_rel, bool) or not isinstance(
+        sigma_rel, (int, float, np.floating, np.integer)
+    ):
+        raise ValueError(
+            f"sigma_rel must be a number in (0, {SIGMA_REL_MAX:.4f}) (1/sqrt(12)); "
+            f"got {sigma_rel!r}"
+        )
+    s = float(sigma_rel)
+    if not 0.0 < s < SIGMA_REL_MAX:
+        raise ValueError(
+            f"sigma_rel must be a number in (0, {SIGMA_REL_MAX:.4f}) (1/sqrt(12), the uniform "
+            f"average); got {sigma_rel!r}"
+        )
+    return s
