@@ -18,6 +18,7 @@ from jema._schedules import (
     ExpDecay,
     IDecayFunction,
     ThresholdDecay,
+    WarmupDecay,
     constant,
     threshold,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "IDecayFunction",
     "ThresholdDecay",
     "PowerEmaState",
+    "WarmupDecay",
     "WeightEmaState",
     "attach_batch_stats",
     "constant",

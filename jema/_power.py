@@ -89,7 +89,9 @@ def width_key(sigma_rel: float) -> str:
     return repr(float(sigma_rel))
 
 
-def power_weights(step: Any, gammas: tuple[float, ...], every_k_steps: int = 1) -> list[Any]:
+def power_weights(
+    step: Any, gammas: tuple[float, ...], every_k_steps: int | jax.Array = 1
+) -> list[Any]:
     """``(β, 1 - β)`` of each exponent at the 1-based ``step``, formed without cancellation.
 
     ``β = (1 - k/t)**(γ + 1)`` through ``exp``/``log1p``, ``1 - β`` through ``expm1``; at

@@ -45,6 +45,22 @@ def _exp_weights(
     return d * (1.0 - ramp), _one_minus(decay, s.dtype) + d * ramp
 
 
+def _warmup_weights(
+    decay: ArrayLike,
+    step: ArrayLike,
+    inv_gamma: float,
+    power: float,
+    min_decay: float,
+    update_after_step: int,
+) -> Weights:
+    s = jnp.maximum(jnp.asarray(step, _float_dtype()) - update_after_step - 1.0, 0.0)
+    log_keep = -power * jnp.log1p(s / inv_gamma)  # log of (1 + s / inv_gamma) ** -power
+    d = jnp.clip(-jnp.expm1(log_keep), min_decay, jnp.asarray(decay, s.dtype))
+    one_minus_d = jnp.clip(jnp.exp(log_keep), _one_minus(decay, s.dtype), 1.0 - min_decay)
+    copying = s == 0  # the EMA becomes a copy until the warm-up starts
+    return jnp.where(copying, 0.0, d), jnp.where(copying, 1.0, one_minus_d)
+
+
 def constant(decay: ArrayLike, step: ArrayLike, total_steps: ArrayLike | None = None) -> jax.Array:
     """The same decay at every step: ``d = decay``.
 
@@ -223,10 +239,72 @@ class ExpDecay(_BuiltIn):
         return _exp_weights(decay, step, total_steps, self.beta)
 
 
+class WarmupDecay(_BuiltIn):
+    """``decay_type="warmup"``: the warm-up of timm, ema-pytorch and diffusers.
+
+    With ``s = max(0, n - update_after_step - 1)`` at the 1-based step n: ``d = 0`` while
+    ``s = 0`` (the EMA becomes a copy), else
+    ``clip(1 - (1 + s / inv_gamma) ** -power, min_decay, decay)``; timm's
+    ``ModelEmaV3(use_warmup=True)``, ema-pytorch's ``EMA`` and diffusers'
+    ``EMAModel(use_ema_warmup=True)`` give the same numbers.
+
+    Args:
+      inv_gamma: the warm-up's time scale in steps, positive.
+      power: its exponent, positive (2/3 for long runs, 3/4 for short ones).
+      min_decay: the decay's floor, in [0, 1).
+      update_after_step: steps that only copy the weights, a non-negative int.
+
+    Raises:
+      ValueError: naming the option that is out of range.
+
+    Example:
+      >>> round(float(WarmupDecay()(0.9999, 100, None)), 6)  # timm's value at step 100
+      0.953584
+    """
+
+    def __init__(
+        self,
+        inv_gamma: float = 1.0,
+        power: float = 2 / 3,
+        min_decay: float = 0.0,
+        update_after_step: int = 0,
+    ) -> None:
+        super().__init__()
+        given = {"inv_gamma": inv_gamma, "power": power, "min_decay": min_decay}
+        for name, value in given.items():
+            low = -math.inf if name == "min_decay" else 0.0
+            high = 1.0 if name == "min_decay" else math.inf
+            real = real_inside(value, low, high)
+            if real is None or real < 0:
+                allowed = "a number in [0, 1)" if name == "min_decay" else "a positive number"
+                raise ValueError(f"{name} must be {allowed}; got {value!r}")
+        integral = isinstance(update_after_step, numbers.Integral)
+        if (
+            isinstance(update_after_step, bool)
+            or not integral
+            or not 0 <= update_after_step < STEP_LIMIT
+        ):
+            raise ValueError(
+                f"update_after_step must be a non-negative int; got {update_after_step!r}"
+            )
+        self.inv_gamma, self.power, self.min_decay = (
+            float(inv_gamma),
+            float(power),
+            float(min_decay),
+        )
+        self.update_after_step = int(update_after_step)
+
+    def _weights(self, decay, step, total_steps):
+        return _warmup_weights(
+            decay, step, self.inv_gamma, self.power, self.min_decay, self.update_after_step
+        )
+
+
 EMA_DECAY_FUNCTIONS: dict[str, type[IDecayFunction]] = {
     "constant": ConstantDecay,
     "threshold": ThresholdDecay,
     "exp": ExpDecay,
+    "warmup": WarmupDecay,
 }
 
 
@@ -241,7 +319,9 @@ def decay_weights_fn(
 
     Args:
       decay: the maximum decay, strictly inside (0, 1); may be a traced array (as under
-        ``optax.inject_hyperparams``), which is then not checked.
+        ``optax.inject_hyperparams``), which is then not checked; or an optax schedule, a
+        function of the count called as optax calls learning-rate schedules (0 at the first
+        update), whose value is the decay the schedule receives at that step.
       decay_type: a key of :data:`jema.EMA_DECAY_FUNCTIONS`.
       total_steps: None or a positive number of optimizer steps (may be traced).
       options: keyword arguments for the schedule class's constructor.
@@ -265,7 +345,8 @@ def decay_weights_fn(
       >>> [round(float(x), 4) for x in decay_weights_fn(0.9, "constant", None, {}, 2)(3)]
       [0.81, 0.19]
     """
-    _check_decay(decay)
+    if not callable(decay):
+        _check_decay(decay)
     _check_total_steps(total_steps)
     every_k_steps = check_every_k_steps(every_k_steps)
     schedule = _build_schedule(decay_type, _unwrap_injected_options(options))
@@ -277,8 +358,9 @@ def decay_weights_fn(
         )
 
     def once(step: jax.Array) -> Weights:
-        d = jnp.asarray(schedule(decay, step, total_steps))
-        return d, jnp.asarray(schedule.complement(decay, step, total_steps), d.dtype)
+        value = decay(jnp.asarray(step) - 1) if callable(decay) else decay  # optax's count
+        d = jnp.asarray(schedule(value, step, total_steps))
+        return d, jnp.asarray(schedule.complement(value, step, total_steps), d.dtype)
 
     if not is_traced(decay) and not is_traced(total_steps):
         _probe(once, decay_type, total_steps)

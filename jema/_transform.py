@@ -24,7 +24,7 @@ ATTACH_HINT = "call jema.attach_batch_stats(opt_state, batch_stats) once after t
 
 
 def ema_transform(
-    decay: float = 0.9999,
+    decay: float | Callable[[jax.Array], jax.Array] = 0.9999,
     decay_type: str = "threshold",
     *,
     total_steps: int | None = None,
@@ -43,9 +43,12 @@ def ema_transform(
     average BatchNorm statistics too, after :func:`jema.attach_batch_stats`.
 
     Args:
-      decay: the (maximum) decay, strictly inside (0, 1).
+      decay: the (maximum) decay, strictly inside (0, 1); or any optax schedule (a function
+        of the count, 0 at the first update, as optax calls learning-rate schedules), whose
+        value is the ``decay`` the decay_type receives at that step: with "constant" it is
+        d itself, with "threshold" it is capped by ``(1 + n) / (10 + n)``.
       decay_type: a name in :data:`jema.EMA_DECAY_FUNCTIONS` ("constant", "threshold",
-        "exp", or one you registered).
+        "exp", "warmup", or one you registered).
       total_steps: number of optimizer steps in training; needed by "exp" and by any
         schedule that uses it.
       ema_dtype: dtype of the averaged weights (e.g. ``jnp.float32`` for bf16 params);
@@ -55,7 +58,8 @@ def ema_transform(
       skip_nonfinite: when the new weights (or batch statistics) hold a NaN or Inf, or the
         schedule's ``d`` is NaN or outside [0, 1] at this step, keep the EMA and its count as
         they were for that step.
-      **decay_kwargs: options for the schedule's class, e.g. ``beta=15`` for "exp".
+      **decay_kwargs: options for the schedule's class, e.g. ``beta=15`` for "exp",
+        ``inv_gamma``, ``power``, ``min_decay``, ``update_after_step`` for "warmup".
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.

@@ -154,7 +154,7 @@ def average_trees(emas: list[Any], new: Any, weights: list[tuple[Any, Any]]) -> 
     """
     if not emas:
         return []
-    treedef = jax.tree.structure(emas[0], is_leaf=is_none)
+    treedef: Any = jax.tree.structure(emas[0], is_leaf=is_none)
     news = treedef.flatten_up_to(new)
     columns = [treedef.flatten_up_to(ema) for ema in emas]
     mixed: list[list[Any]] = [[] for _ in emas]

@@ -85,7 +85,9 @@ def update(optimizer: nnx.Optimizer, model: nnx.Module, grads: Any, **kwargs: An
 
 
 @contextlib.contextmanager
-def ema_weights(model: nnx.Module, optimizer: nnx.Optimizer) -> Iterator[nnx.Module]:
+def ema_weights(
+    model: nnx.Module, optimizer: nnx.Optimizer, sigma_rel: float | None = None
+) -> Iterator[nnx.Module]:
     """Evaluate on the EMA: swap its weights (and statistics) into ``model``, then restore.
 
     The raw values come back when the block ends, also when it raises.
@@ -93,6 +95,7 @@ def ema_weights(model: nnx.Module, optimizer: nnx.Optimizer) -> Iterator[nnx.Mod
     Args:
       model: the module the optimizer trains.
       optimizer: an ``nnx.Optimizer`` built with :func:`jema.with_ema`.
+      sigma_rel: for a :func:`jema.power_ema`, the tracked width; None when it tracks one.
 
     Yields:
       ``model``, holding the EMA's values (cast to the variables' dtypes).
@@ -109,19 +112,20 @@ def ema_weights(model: nnx.Module, optimizer: nnx.Optimizer) -> Iterator[nnx.Mod
       ...     predictions = model(jnp.ones((1, 2)))
     """
     raw = nnx.as_pure(nnx.state(model, _filter(optimizer, model)))
-    finalize(model, optimizer)
+    finalize(model, optimizer, sigma_rel)
     try:
         yield model
     finally:
         nnx.update(model, raw)
 
 
-def finalize(model: nnx.Module, optimizer: nnx.Optimizer) -> None:
+def finalize(model: nnx.Module, optimizer: nnx.Optimizer, sigma_rel: float | None = None) -> None:
     """SuperGradients' end-of-training swap, in place: the model takes the EMA's values.
 
     Args:
       model: the module the optimizer trains.
       optimizer: an ``nnx.Optimizer`` built with :func:`jema.with_ema`.
+      sigma_rel: for a :func:`jema.power_ema`, the tracked width; None when it tracks one.
 
     Raises:
       ValueError: the model has BatchStat variables but the EMA holds none, or the
@@ -134,17 +138,17 @@ def finalize(model: nnx.Module, optimizer: nnx.Optimizer) -> None:
       >>> optimizer = nnx.Optimizer(model, jema.with_ema(optax.sgd(0.1)), wrt=nnx.Param)
       >>> finalize(model, optimizer)
     """
-    ema = _state.find_ema_state(optimizer.opt_state)
     raw_params = nnx.as_pure(nnx.state(model, optimizer.wrt))
-    nnx.update(model, cast_like(raw_params, ema.ema))
+    nnx.update(model, cast_like(raw_params, _state.ema_params(optimizer.opt_state, sigma_rel)))
     if _has_batch_stats(optimizer, model):
-        nnx.update(model, cast_like(nnx.as_pure(_batch_stats(model)), ema.batch_stats))
+        stats = _state.ema_batch_stats(optimizer.opt_state, sigma_rel)
+        nnx.update(model, cast_like(nnx.as_pure(_batch_stats(model)), stats))
 
 
 def _has_batch_stats(optimizer: nnx.Optimizer, model: nnx.Module) -> bool:
     if not jax.tree.leaves(_batch_stats(model)):
         return False
-    if _state.ema_batch_stats(optimizer.opt_state) is None:
+    if _state.find_ema_state(optimizer.opt_state).batch_stats is None:
         raise ValueError(
             f"{type(model).__name__} has nnx.BatchStat variables but the EMA holds none: call "
             "jema.nnx.attach_batch_stats(optimizer, model) once after building the optimizer."

@@ -102,7 +102,7 @@ class TrainState(train_state.TrainState):
         """
         if batch_stats is None:
             return super().apply_gradients(grads=grads, **kwargs)
-        if ema_batch_stats(self.opt_state) is None:
+        if find_ema_state(self.opt_state).batch_stats is None:
             raise ValueError(
                 "apply_gradients(batch_stats=...) was given but the EMA holds no batch_stats: "
                 "build the state with TrainState.create(..., batch_stats=variables['batch_stats'])."
@@ -118,8 +118,11 @@ class TrainState(train_state.TrainState):
             **kwargs,
         )
 
-    def ema_variables(self) -> dict[str, Any]:
+    def ema_variables(self, sigma_rel: float | None = None) -> dict[str, Any]:
         """The EMA model's variables, to evaluate with ``state.apply_fn(variables, ...)``.
+
+        Args:
+          sigma_rel: for a :func:`jema.power_ema`, the tracked width; None when it tracks one.
 
         Returns:
           ``{"params": ..., "batch_stats": ...}`` of the EMA (no ``"batch_stats"`` for a
@@ -137,9 +140,9 @@ class TrainState(train_state.TrainState):
           >>> state.ema_variables()["params"]["w"].tolist()
           [1.0, 1.0]
         """
-        variables = {"params": fill_masked(self.params, ema_params(self.opt_state))}
+        variables = {"params": fill_masked(self.params, ema_params(self.opt_state, sigma_rel))}
         if self.batch_stats is not None:
-            stats = ema_batch_stats(self.opt_state)
+            stats = ema_batch_stats(self.opt_state, sigma_rel)
             if stats is None:
                 raise ValueError(
                     "the state has batch_stats but its EMA holds none: build it with "
@@ -149,11 +152,12 @@ class TrainState(train_state.TrainState):
         return variables
 
 
-def finalize(state: TrainState) -> TrainState:
+def finalize(state: TrainState, sigma_rel: float | None = None) -> TrainState:
     """SuperGradients' end-of-training swap: the weights become the EMA's.
 
     Args:
       state: a :class:`TrainState` built with an EMA optimizer.
+      sigma_rel: for a :func:`jema.power_ema`, the tracked width; None when it tracks one.
 
     Returns:
       ``state`` with ``params`` and ``batch_stats`` replaced by the EMA's, cast to the raw
@@ -176,7 +180,7 @@ def finalize(state: TrainState) -> TrainState:
             f"finalize expects a jema TrainState; got {type(state).__name__}. For nnx use "
             "jema.nnx.finalize(model, optimizer)."
         )
-    ema = state.ema_variables()
+    ema = state.ema_variables(sigma_rel)
     return state.replace(
         params=cast_like(state.params, ema["params"]),
         batch_stats=cast_like(state.batch_stats, ema.get("batch_stats")),

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -81,7 +82,7 @@ def test_schedules_jit_over_a_traced_step():
 
 
 def test_registry_classes_match_functions():
-    assert set(jema.EMA_DECAY_FUNCTIONS) == {"constant", "threshold", "exp"}
+    assert set(jema.EMA_DECAY_FUNCTIONS) == {"constant", "threshold", "exp", "warmup"}
     assert float(jema.EMA_DECAY_FUNCTIONS["threshold"]()(0.9, 3, None)) == pytest.approx(4 / 13)
     assert float(jema.EMA_DECAY_FUNCTIONS["constant"]()(0.9, 3, None)) == pytest.approx(0.9)
     assert float(jema.EMA_DECAY_FUNCTIONS["exp"](beta=2)(0.9, 3, 6)) == pytest.approx(
@@ -176,5 +177,74 @@ def test_every_k_weights_are_the_kth_power_and_its_complement(decay, step, k, de
 
     d, one_minus_d = decay_weights_fn(decay, decay_type, None, {}, k)(jnp.int32(step))
     base = sg_constant(decay, step) if decay_type == "constant" else sg_threshold(decay, step)
-    np.testing.assert_allclose(float(d), base**k, rtol=2e-5)
+    np.testing.assert_allclose(float(d), base**k, rtol=2e-5, atol=1e-30)  # XLA flushes subnormals
     np.testing.assert_allclose(float(one_minus_d), -np.expm1(k * np.log(base)), rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "step", "expected"),
+    [  # timm's ModelEmaV3 values (POSTHOC-FACTS.md), decay 0.9999
+        ({}, 1, 0.0),
+        ({}, 2, 0.3700394750525634),
+        ({}, 10, 0.7845565309968117),
+        ({}, 100, 0.9535841116638722),
+        ({}, 1000, 0.99),
+        ({"power": 3 / 4}, 100, 0.9683772233983162),
+        ({"update_after_step": 10}, 11, 0.0),
+        ({"update_after_step": 10}, 100, 0.9502066139271426),
+    ],
+)
+def test_warmup_matches_timms_numbers(options, step, expected):
+    d, one_minus_d = jema.WarmupDecay(**options)._weights(0.9999, jnp.int32(step), None)
+    np.testing.assert_allclose(float(d), expected, rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(float(one_minus_d), 1 - expected, rtol=1e-6, atol=1e-7)
+
+
+@given(
+    decay=decays,
+    step=steps,
+    inv_gamma=st.floats(0.1, 100),
+    power=st.floats(0.1, 2),
+    min_decay=st.floats(0, 0.5),
+    after=st.integers(0, 100),
+)
+def test_warmup_is_the_clipped_closed_form(decay, step, inv_gamma, power, min_decay, after):
+    schedule = jema.WarmupDecay(inv_gamma, power, min_decay, after)
+    s = max(0, step - after - 1)
+    raw = 1 - (1 + s / inv_gamma) ** -power
+    expected = 0.0 if s == 0 else min(max(raw, min_decay), decay)
+    np.testing.assert_allclose(
+        float(schedule(decay, jnp.int32(step), None)), expected, rtol=2e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"inv_gamma": 0}, "inv_gamma must be a positive number; got 0"),
+        ({"power": -1}, "power must be a positive number; got -1"),
+        ({"min_decay": 1.0}, r"min_decay must be a number in \[0, 1\); got 1.0"),
+        ({"update_after_step": -1}, "update_after_step must be a non-negative int; got -1"),
+        ({"update_after_step": 1.5}, "update_after_step must be a non-negative int; got 1.5"),
+    ],
+)
+def test_warmup_refuses_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        jema.ema_transform(0.999, "warmup", **options)
+
+
+@given(start=st.floats(0.1, 0.9), end=st.floats(0.1, 0.99), n=st.integers(1, 20))
+def test_an_optax_schedule_as_decay_is_called_as_optax_calls_schedules(start, end, n):
+    schedule = optax.linear_schedule(start, end, transition_steps=10)
+    for decay_type, rule in (
+        ("constant", lambda v, s: v),
+        ("threshold", lambda v, s: min(v, (1 + s) / (10 + s))),
+    ):
+        tx = jema.ema_transform(schedule, decay_type)
+        state = tx.init({"w": jnp.zeros(1)})
+        expected = 0.0
+        for step in range(1, n + 1):
+            d = rule(float(schedule(step - 1)), step)  # optax's count is 0 at the first update
+            expected = expected * d + (1 - d) * step
+            _, state = tx.update({"w": jnp.zeros(1)}, state, {"w": jnp.full(1, float(step))})
+        np.testing.assert_allclose(jema.ema_params(state)["w"], [expected], rtol=1e-5)
