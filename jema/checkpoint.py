@@ -20,6 +20,7 @@ from jema.train_state import TrainState
 
 Directory: TypeAlias = str | os.PathLike[str] | ocp.CheckpointManager
 LOCK_NAME = ".jema-save.lock"
+STANDARD: Any = object()  # open_manager's default: one standard item per step
 
 
 def save(directory: Directory, step: int, state: Any) -> None:
@@ -52,21 +53,9 @@ def save(directory: Directory, step: int, state: Any) -> None:
       ...                           tx=jema.with_ema(optax.sgd(0.1)))
       >>> save(tempfile.mkdtemp(), 0, state)
     """
-    step = _check_step(step)
-    with _manager(directory) as manager, _exclusive(os.fspath(manager.directory)):
-        saved = sorted(manager.all_steps())
-        if step in saved:
-            raise ValueError(
-                f"checkpoint step {step} already exists in {manager.directory}; orbax would "
-                "skip it silently. Save under a new step, or delete that step first."
-            )
-        later = [s for s in saved if s > step]
-        if later:
-            raise ValueError(
-                f"checkpoint step {step} is below saved steps {later} in {manager.directory}: "
-                "steps only go forward in a folder (restore picks the highest). When training "
-                "on from an earlier checkpoint, delete those steps or save into a new folder."
-            )
+    step = check_step(step)
+    with open_manager(directory) as manager, save_lock(os.fspath(manager.directory)):
+        check_new_step(manager, step)
         manager.save(step, args=ocp.args.StandardSave(_tree(state)), force=True)
 
 
@@ -102,7 +91,7 @@ def restore(directory: Directory, template: Any, *, step: int | None = None) -> 
     """
     if not isinstance(directory, ocp.CheckpointManager) and not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint folder {os.fspath(directory)!r}")
-    with _manager(directory) as manager:
+    with open_manager(directory) as manager:
         saved = sorted(manager.all_steps())
         if step is None and not saved:
             raise FileNotFoundError(f"no checkpoint in {manager.directory}")
@@ -244,7 +233,23 @@ def _abstract(tree: Any, metadata: Any) -> Any:
     return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
-def _check_step(step: Any) -> int:
+def check_step(step: Any) -> int:
+    """A checkpoint step: a non-negative int (numpy ints too; bools and floats are refused).
+
+    Args:
+      step: the step.
+
+    Returns:
+      ``step`` as a Python int.
+
+    Raises:
+      TypeError: when ``step`` is not an int.
+      ValueError: when ``step`` is negative.
+
+    Example:
+      >>> check_step(3)
+      3
+    """
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise TypeError(f"step must be a non-negative int; got {step!r}")
     if step < 0:
@@ -252,9 +257,57 @@ def _check_step(step: Any) -> int:
     return int(step)
 
 
+def check_new_step(manager: ocp.CheckpointManager, step: int, noun: str = "checkpoint") -> None:
+    """Refuse a step already saved in ``manager``'s folder, or below a saved one.
+
+    orbax would skip an existing step silently, and a lower one would never be "the latest".
+
+    Args:
+      manager: the folder's manager.
+      step: the step about to be saved.
+      noun: what is saved, for the message ("checkpoint", "snapshot").
+
+    Raises:
+      ValueError: naming the step, the folder and the remedy.
+
+    Example:
+      >>> import tempfile
+      >>> with open_manager(tempfile.mkdtemp()) as manager:
+      ...     check_new_step(manager, 1)
+    """
+    saved = sorted(manager.all_steps())
+    if step in saved:
+        raise ValueError(
+            f"{noun} step {step} already exists in {manager.directory}; orbax would "
+            "skip it silently. Save under a new step, or delete that step first."
+        )
+    later = [s for s in saved if s > step]
+    if later:
+        raise ValueError(
+            f"{noun} step {step} is below saved steps {later} in {manager.directory}: "
+            "steps only go forward in a folder (restore picks the highest). When training "
+            "on from an earlier checkpoint, delete those steps or save into a new folder."
+        )
+
+
 @contextlib.contextmanager
-def _exclusive(directory: str) -> Iterator[None]:
-    """Hold ``directory``'s save lock (non-blocking) in the primary process of the run."""
+def save_lock(directory: str) -> Iterator[None]:
+    """Hold ``directory``'s save lock (non-blocking) in the primary process of the run.
+
+    Args:
+      directory: an existing folder; the lock file ``.jema-save.lock`` is made there.
+
+    Yields:
+      Nothing; the lock is held until the ``with`` block ends.
+
+    Raises:
+      BlockingIOError: when another process holds the lock (is saving there).
+
+    Example:
+      >>> import tempfile
+      >>> with save_lock(tempfile.mkdtemp()):
+      ...     pass
+    """
     if jax.process_index() != 0:
         yield
         return
@@ -274,8 +327,29 @@ def _exclusive(directory: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _manager(directory: Directory) -> contextlib.AbstractContextManager[ocp.CheckpointManager]:
-    """A caller's manager stays open; one made here is closed (its saves finished) on exit."""
+def open_manager(
+    directory: Directory, item_handlers: Any = STANDARD
+) -> contextlib.AbstractContextManager[ocp.CheckpointManager]:
+    """An orbax manager of ``directory``: a caller's manager stays open, one made here is
+    closed (its saves finished) on exit.
+
+    Args:
+      directory: a folder (made when missing) or an ``ocp.CheckpointManager``.
+      item_handlers: the made manager's handlers: one standard item by default; None lets
+        ``ocp.args.Composite`` items pick theirs (several named items per step).
+
+    Returns:
+      A context manager giving the ``ocp.CheckpointManager``.
+
+    Raises:
+      NotADirectoryError: when ``directory`` is a file.
+
+    Example:
+      >>> import tempfile
+      >>> with open_manager(tempfile.mkdtemp()) as manager:
+      ...     manager.all_steps()
+      []
+    """
     if isinstance(directory, ocp.CheckpointManager):
         return contextlib.nullcontext(directory)
     path = os.path.abspath(os.fspath(directory))
@@ -283,4 +357,6 @@ def _manager(directory: Directory) -> contextlib.AbstractContextManager[ocp.Chec
         raise NotADirectoryError(
             errno.ENOTDIR, "the checkpoint folder is a file; pass a folder (new or existing)", path
         )
-    return ocp.CheckpointManager(path, item_handlers=ocp.StandardCheckpointHandler())
+    if item_handlers is STANDARD:
+        item_handlers = ocp.StandardCheckpointHandler()
+    return ocp.CheckpointManager(path, item_handlers=item_handlers)

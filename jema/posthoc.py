@@ -1,0 +1,514 @@
+"""Post-hoc EMA (Karras et al. 2023, EDM2): snapshots of the tracked power EMAs, and an EMA of
+any width rebuilt from them after training.
+
+Train with :func:`jema.power_ema` (e.g. widths 0.05 and 0.10), call :func:`save_snapshot` every
+few thousand steps, and after training :func:`reconstruct` the EMA of any σ_rel at any snapshot
+step: the least-squares fit of its averaging profile by the snapshots' profiles
+(:func:`solve_weights`), applied to their weights one snapshot at a time.
+
+A snapshot folder is an orbax checkpoint folder with one step per snapshot (step = t, the
+EMA's count): per width, an item ``params-<σ_rel>`` (and ``batch_stats-<σ_rel>`` when the EMA
+averages BatchNorm statistics) holding the tree's leaves as a flat dict, and an item
+``metadata`` (JSON): the format, t, the widths, the storage dtype and every leaf's path, shape
+and dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jema._power import _check_sigma_rel, sigma_rel_to_gamma, width_key
+from jema._state import PowerEmaState, find_ema_state, tracked_sigma_rels
+from jema.checkpoint import check_new_step, open_manager, save_lock
+
+FORMAT = "jema.posthoc/1"
+METADATA = "metadata"
+PARTS = ("params", "batch_stats")
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+class ExtrapolationWarning(UserWarning):
+    """A reconstructed width is narrower than every tracked one: about 20x less accurate."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One saved snapshot, as :func:`list_snapshots` describes it.
+
+    Attributes:
+      step: t, the optimizer steps the EMAs had averaged (exact).
+      sigma_rels: the tracked widths stored, sorted.
+      dtype: the storage dtype of the floating leaves, or None for the EMA's own.
+      batch_stats: whether the averaged BatchNorm statistics are stored too.
+    """
+
+    step: int
+    sigma_rels: tuple[float, ...]
+    dtype: str | None
+    batch_stats: bool
+
+
+def save_snapshot(
+    directory: str | os.PathLike[str], opt_state: Any, *, dtype: Any = None
+) -> Snapshot:
+    """Store every tracked width of the power EMA in ``opt_state`` as the snapshot at its step.
+
+    The step t is the EMA's count (:func:`jema.ema_count`); the snapshot holds the params'
+    EMA of each width and, when :func:`jema.attach_batch_stats` was called, each width's
+    averaged BatchNorm statistics (averaged as SuperGradients does; :func:`reconstruct` combines
+    them like the weights). The save is atomic (orbax writes a temporary folder, then renames
+    it) and works from every process of a multi-process run (all of them must call it). With
+    ``every_k_steps=k``, save at multiples of k (the EMA was last averaged at a multiple).
+
+    Args:
+      directory: the snapshot folder (created when missing; holds nothing else).
+      opt_state: an optimizer state holding a :func:`jema.power_ema` state.
+      dtype: storage dtype of the floating leaves: "float16", "bfloat16" or "float32" (as
+        a string or a dtype); None keeps the EMA's dtype.
+
+    Returns:
+      The snapshot's record.
+
+    Raises:
+      TypeError: when the EMA is SuperGradients' (no widths), or ``directory`` is not a path.
+      ValueError: for another ``dtype``, an EMA that has averaged no step yet, or a step
+        already saved there or below a saved one (nothing is written).
+      NotADirectoryError: when ``directory`` is a file.
+      BlockingIOError: when another process is saving into the same folder.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp, optax, jema
+      >>> tx = optax.chain(optax.sgd(0.1), jema.power_ema((0.05, 0.1)))
+      >>> params = {"w": jnp.ones(3)}
+      >>> _, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+      >>> save_snapshot(tempfile.mkdtemp(), state, dtype="float16")
+      Snapshot(step=1, sigma_rels=(0.05, 0.1), dtype='float16', batch_stats=False)
+    """
+    storage = _check_storage_dtype(dtype)
+    path = _check_path(directory)
+    state = find_ema_state(opt_state)
+    if not isinstance(state, PowerEmaState):
+        raise TypeError(
+            "save_snapshot needs the power EMA of jema.power_ema(sigma_rels=...); this optimizer "
+            "state holds SuperGradients' EMA (jema.ema_transform), which has no widths."
+        )
+    step = int(state.count)
+    if step < 1:
+        raise ValueError(
+            "the EMA has averaged no optimizer step yet (ema_count is 0); save snapshots after "
+            "training steps, e.g. every few thousand."
+        )
+    widths = tracked_sigma_rels(state)
+    parts = {"params": state.emas}
+    if state.batch_stats is not None:
+        parts["batch_stats"] = state.batch_stats
+    items: dict[str, Any] = {}
+    metadata: dict[str, Any] = {"format": FORMAT, "step": step, "sigma_rels": list(widths)}
+    metadata["dtype"] = storage
+    for part, trees in parts.items():
+        metadata[part] = _leaf_records(trees[width_key(widths[0])])
+        for width in widths:
+            leaves = jax.tree.leaves(trees[width_key(width)])
+            items[_item(part, width)] = ocp.args.PyTreeSave(_flat(leaves, storage))
+    items[METADATA] = ocp.args.JsonSave(metadata)
+    with open_manager(path, None) as manager, save_lock(os.fspath(manager.directory)):
+        check_new_step(manager, step, "snapshot")
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
+    return _record(metadata)
+
+
+def list_snapshots(directory: str | os.PathLike[str]) -> list[Snapshot]:
+    """The snapshots in ``directory``, by step.
+
+    Args:
+      directory: a folder :func:`save_snapshot` wrote.
+
+    Returns:
+      One :class:`Snapshot` per saved step, sorted by step (``[]`` for an empty folder).
+
+    Raises:
+      FileNotFoundError: when the folder does not exist (nothing is created).
+      ValueError: when a step there is not a jema snapshot.
+
+    Example:
+      >>> import tempfile
+      >>> list_snapshots(tempfile.mkdtemp())
+      []
+    """
+    return [_record(metadata) for metadata in _read_index(directory)]
+
+
+def profile(tau: Any, step: int, sigma_rel: float) -> np.ndarray:
+    """The averaging profile of the power EMA of width ``sigma_rel`` at ``step``.
+
+    ``p(τ) = (γ + 1) / t · (τ / t)**γ`` on ``[0, t]``, 0 after t: the weight the EMA gives
+    to the params of step τ (it integrates to 1).
+
+    Args:
+      tau: the steps to evaluate it at (array-like).
+      step: t, a positive number.
+      sigma_rel: the width, in (0, 1/√12).
+
+    Returns:
+      ``p(τ)``, float64, shaped like ``tau``.
+
+    Raises:
+      ValueError: for a bad ``sigma_rel`` or a ``step`` that is not positive.
+
+    Example:
+      >>> profile([0.0, 50.0, 100.0, 150.0], 100, 0.2).round(5).tolist()
+      [0.0, 0.00797, 0.02826, 0.0]
+    """
+    gamma = sigma_rel_to_gamma(sigma_rel)
+    if not (isinstance(step, numbers.Real) and 0 < step < math.inf):
+        raise ValueError(f"step must be a positive number; got {step!r}")
+    tau = np.asarray(tau, np.float64)
+    inside = (tau >= 0) & (tau <= step)
+    return np.where(inside, (gamma + 1) / step * np.clip(tau / step, 0, 1) ** gamma, 0.0)
+
+
+def solve_weights(
+    snapshot_steps: Sequence[int],
+    snapshot_sigma_rels: Sequence[float],
+    target_step: int,
+    target_sigma_rels: float | Sequence[float],
+) -> np.ndarray:
+    """Weights of the snapshots whose sum best approximates the EMA of each target width.
+
+    The least-squares fit (L2 over τ) of the target's profile by the snapshots' profiles
+    (:func:`profile`), from the normal equations with their closed-form inner products,
+    solved in float64; each column is then divided by its sum, so a constant trajectory is
+    reproduced exactly. Only snapshots with ``t <= target_step`` take part; the others get 0.
+    A target equal to a snapshot (same t and width) gets that snapshot alone.
+
+    Args:
+      snapshot_steps: each snapshot's t, positive ints.
+      snapshot_sigma_rels: each snapshot's width, same length.
+      target_step: t of the targets, a positive int.
+      target_sigma_rels: the widths to reconstruct (one number or a sequence).
+
+    Returns:
+      float64 array ``(n_snapshots, n_targets)``; each column sums to 1.
+
+    Raises:
+      ValueError: for lengths that differ, no snapshot or target, a step that is not a
+        positive int, a width outside (0, 1/√12), or no snapshot at or before ``target_step``.
+
+    Example:
+      >>> solve_weights([100, 100, 200, 200], [0.05, 0.1] * 2, 200, 0.1).round(6).ravel()
+      array([0., 0., 0., 1.])
+    """
+    steps = [_check_positive_int(t, "snapshot_steps") for t in _sequence(snapshot_steps)]
+    widths = [_check_sigma_rel(s) for s in _sequence(snapshot_sigma_rels)]
+    targets = [_check_sigma_rel(s) for s in _sequence(target_sigma_rels)]
+    target_step = _check_positive_int(target_step, "target_step")
+    if len(steps) != len(widths) or not steps:
+        raise ValueError(
+            "snapshot_steps and snapshot_sigma_rels must be non-empty and of one length; got "
+            f"{len(steps)} steps and {len(widths)} widths"
+        )
+    if not targets:
+        raise ValueError("target_sigma_rels must name at least one width; got none")
+    used = np.flatnonzero(np.array(steps) <= target_step)
+    if not used.size:
+        raise ValueError(
+            f"no snapshot at or before target_step {target_step}; the earliest is {min(steps)}"
+        )
+    t = np.array(steps, np.float64)[used]
+    g = np.array([sigma_rel_to_gamma(s) for s in widths])[used]
+    g_target = np.array([sigma_rel_to_gamma(s) for s in targets])
+    gram = _inner(t[:, None], g[:, None], t[None, :], g[None, :])
+    rhs = _inner(t[:, None], g[:, None], float(target_step), g_target[None, :])
+    x = np.linalg.lstsq(gram, rhs, rcond=None)[0]
+    x /= x.sum(axis=0, keepdims=True)
+    for j, target in enumerate(targets):
+        same = [i for i, k in enumerate(used) if (steps[k], widths[k]) == (target_step, target)]
+        if same:
+            x[:, j] = np.eye(len(used))[same[0]]
+    weights = np.zeros((len(steps), len(targets)))
+    weights[used] = x
+    return weights
+
+
+def reconstruct(
+    directory: str | os.PathLike[str],
+    sigma_rel: float | Sequence[float],
+    *,
+    step: int | None = None,
+    dtype: Any = None,
+    part: str = "params",
+    progress: bool = False,
+) -> Any:
+    """The EMA of width ``sigma_rel`` at ``step``, rebuilt from the snapshots in ``directory``.
+
+    Streams: one width of one snapshot is in memory at a time, plus a float32 accumulator per
+    target. Widths narrower than every tracked one are extrapolated, about 20x less accurately
+    (an :class:`ExtrapolationWarning` says so).
+
+    Args:
+      directory: a folder :func:`save_snapshot` wrote.
+      sigma_rel: the width to rebuild, in (0, 1/√12), or a sequence of widths.
+      step: the t to rebuild at (the snapshots up to it take part); None for the latest.
+      dtype: dtype of the returned floating leaves; None for the EMA's own.
+      part: "params" (the weights' EMA) or "batch_stats" (the averaged statistics).
+      progress: show a tqdm progress bar over the snapshots (when tqdm is installed).
+
+    Returns:
+      The tree as nested dicts keyed by the params' tree paths (a linen params dict comes
+      back as the same dict) of numpy arrays; a list of them for a sequence of widths.
+
+    Raises:
+      FileNotFoundError: when the folder does not exist or holds no snapshot.
+      ValueError: for a bad width, step, dtype or part, no snapshot at or before ``step``,
+        snapshots of different trees, or ``part="batch_stats"`` where none were stored.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp, optax, jema
+      >>> tx, folder = jema.power_ema((0.05, 0.1)), tempfile.mkdtemp()
+      >>> params = {"w": jnp.ones(2)}
+      >>> state = tx.init(params)
+      >>> for t in range(1, 5):
+      ...     _, state = tx.update(params, state, params)  # the weights are 2.0 throughout
+      ...     _ = save_snapshot(folder, state)
+      >>> reconstruct(folder, 0.07)["w"].tolist()
+      [2.0, 2.0]
+    """
+    single = not isinstance(sigma_rel, Iterable)
+    targets = [_check_sigma_rel(s) for s in _sequence(sigma_rel)]
+    out_dtype = _check_dtype(dtype)
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}; got {part!r}")
+    index = _read_index(directory)
+    if not index:
+        raise FileNotFoundError(f"no snapshot in {os.fspath(directory)!r}")
+    target_step = index[-1]["step"] if step is None else _check_positive_int(step, "step")
+    taking = [m for m in index if m["step"] <= target_step]
+    if not taking:
+        saved = [m["step"] for m in index]
+        raise ValueError(f"no snapshot at or before step {target_step}; saved steps: {saved}")
+    records = _same_tree(taking, part, directory)
+    narrowest = min(min(m["sigma_rels"]) for m in taking)
+    for target in (s for s in targets if s < narrowest):
+        warnings.warn(
+            f"sigma_rel={target!r} is narrower than every tracked width (narrowest "
+            f"{narrowest!r}): it is extrapolated, about 20x less accurately; track a narrower "
+            "width to reconstruct it well.",
+            ExtrapolationWarning,
+            stacklevel=2,
+        )
+    rows = [(m["step"], s) for m in taking for s in m["sigma_rels"]]
+    weights = solve_weights([t for t, _ in rows], [s for _, s in rows], target_step, targets)
+    used = [(row, w) for row, w in zip(rows, weights, strict=True) if w.any()]
+    sums = [[np.zeros(r["shape"], np.float32) for r in records] for _ in targets]
+    kept: list[Any] = [None] * len(records)
+    with open_manager(_check_path(directory), None) as manager:
+        for (t, width), w in _progress(used, progress, len(used)):
+            leaves = _restore(manager, t, _item(part, width), len(records))
+            for i, leaf in enumerate(leaves):
+                if not np.issubdtype(leaf.dtype, np.floating):
+                    kept[i] = leaf
+                    continue
+                for total, weight in zip(sums, w, strict=True):
+                    total[i] += np.multiply(leaf, np.float32(weight), dtype=np.float32)
+            del leaves
+    trees = [
+        _nest(
+            records, [_cast(x, k, r, out_dtype) for x, k, r in zip(s, kept, records, strict=True)]
+        )
+        for s in sums
+    ]
+    return trees[0] if single else trees
+
+
+def _inner(t_a: Any, g_a: Any, t_b: Any, g_b: Any) -> np.ndarray:
+    """``<p_a, p_b>`` of two power profiles: the one home of the closed form (float64)."""
+    t_hi, t_lo = np.maximum(t_a, t_b), np.minimum(t_a, t_b)
+    g_hi = np.where(t_a >= t_b, g_a, g_b)
+    return (g_a + 1) * (g_b + 1) / ((g_a + g_b + 1) * t_hi) * (t_lo / t_hi) ** g_hi
+
+
+def _read_index(directory: Any) -> list[dict[str, Any]]:
+    """Every snapshot's metadata, by step; nothing is created."""
+    path = _check_path(directory)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no snapshot folder {path!r}")
+    index = []
+    with open_manager(path, None) as manager:
+        for step in sorted(manager.all_steps()):
+            try:
+                restored = manager.restore(
+                    step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()})
+                )
+                metadata = restored[METADATA]
+            except (KeyError, ValueError, FileNotFoundError) as e:
+                metadata = {"error": str(e)}
+            if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+                raise ValueError(
+                    f"step {step} in {path!r} is not a jema snapshot (no {FORMAT!r} metadata); "
+                    "keep snapshots in a folder of their own"
+                )
+            index.append(metadata)
+    return index
+
+
+def _record(metadata: dict[str, Any]) -> Snapshot:
+    return Snapshot(
+        step=metadata["step"],
+        sigma_rels=tuple(metadata["sigma_rels"]),
+        dtype=metadata["dtype"],
+        batch_stats="batch_stats" in metadata,
+    )
+
+
+def _same_tree(taking: list[dict[str, Any]], part: str, directory: Any) -> list[dict[str, Any]]:
+    """The leaf records every snapshot taking part shares; a clear error when they differ."""
+    if part not in taking[-1]:
+        raise ValueError(
+            f"the snapshots in {os.fspath(directory)!r} hold no batch statistics: attach them "
+            "with jema.attach_batch_stats before training to snapshot them"
+        )
+    latest = taking[-1]
+    for other in taking[:-1]:
+        if other.get(part) != latest[part]:
+            theirs = {_path_text(r): r for r in other.get(part) or []}
+            ours = {_path_text(r): r for r in latest[part]}
+            differ = sorted(p for p in theirs.keys() & ours.keys() if theirs[p] != ours[p])
+            raise ValueError(
+                f"snapshots of different trees in {os.fspath(directory)!r}: steps "
+                f"{other['step']} and {latest['step']} differ in {part} (shapes/dtypes at "
+                f"{differ[:5]}, only at {other['step']}: {sorted(theirs.keys() - ours.keys())[:5]}"
+                f", only at {latest['step']}: {sorted(ours.keys() - theirs.keys())[:5]}); "
+                "reconstruct from the snapshots of one run"
+            )
+    return latest[part]
+
+
+def _leaf_records(tree: Any) -> list[dict[str, Any]]:
+    """Each leaf's path (its keys, as JSON values), shape and dtype, in tree order."""
+    return [
+        {"path": [_key(k) for k in path], "shape": list(leaf.shape), "dtype": str(leaf.dtype)}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def _key(key: Any) -> str | int:
+    for attribute in ("key", "idx", "name"):
+        value = getattr(key, attribute, None)
+        if isinstance(value, (str, int)):
+            return value
+    return str(key)
+
+
+def _path_text(record: dict[str, Any]) -> str:
+    return "/".join(map(str, record["path"]))
+
+
+def _flat(leaves: list[Any], storage: str | None) -> dict[str, Any]:
+    """The leaves as orbax's flat dict, floating ones in the storage dtype."""
+
+    def stored(x: Any) -> Any:
+        floating = jnp.issubdtype(x.dtype, jnp.floating)
+        return x.astype(storage) if storage is not None and floating else x
+
+    return {_leaf_name(i): stored(leaf) for i, leaf in enumerate(leaves)}
+
+
+def _leaf_name(i: int) -> str:
+    return f"leaf{i:06d}"
+
+
+def _item(part: str, sigma_rel: float) -> str:
+    return f"{part}-{width_key(sigma_rel)}"
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, item: str, n: int) -> list[np.ndarray]:
+    """One stored tree's leaves, as numpy arrays in host memory."""
+    as_numpy = {_leaf_name(i): ocp.RestoreArgs(restore_type=np.ndarray) for i in range(n)}
+    args = ocp.args.Composite(**{item: ocp.args.PyTreeRestore(restore_args=as_numpy)})
+    flat = manager.restore(step, args=args)[item]
+    return [flat[_leaf_name(i)] for i in range(n)]
+
+
+def _cast(total: np.ndarray, kept: Any, record: dict[str, Any], dtype: Any) -> np.ndarray:
+    """The accumulated leaf in the wanted dtype (a stored non-floating leaf as it was)."""
+    if kept is not None:
+        return kept
+    wanted = np.dtype(record["dtype"] if dtype is None else dtype)
+    return total if wanted == total.dtype else total.astype(wanted)
+
+
+def _nest(records: list[dict[str, Any]], leaves: list[Any]) -> Any:
+    """Nested dicts keyed by each leaf's path (a leaf at the empty path is returned alone)."""
+    if len(records) == 1 and not records[0]["path"]:
+        return leaves[0]
+    tree: dict[Any, Any] = {}
+    for record, leaf in zip(records, leaves, strict=True):
+        *parents, last = record["path"]
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return tree
+
+
+def _progress(items: list[Any], enabled: bool, total: int) -> Iterable[Any]:
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, total=total, desc="snapshots", unit="snapshot", leave=False)
+
+
+def _sequence(value: Any) -> list[Any]:
+    if isinstance(value, (str, bytes)):
+        return [value]
+    return list(value) if isinstance(value, Iterable) else [value]
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must hold positive ints (optimizer steps); got {value!r}")
+    return int(value)
+
+
+def _check_path(directory: Any) -> str:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path (str or os.PathLike); got {directory!r}")
+    return os.path.abspath(os.fspath(directory))
+
+
+def _check_storage_dtype(dtype: Any) -> str | None:
+    if dtype is None:
+        return None
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = ""
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be None or one of {STORAGE_DTYPES}; got {dtype!r}")
+    return name
+
+
+def _check_dtype(dtype: Any) -> np.dtype | None:
+    if dtype is None:
+        return None
+    try:
+        wanted = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"dtype must be a floating dtype such as 'float32'; got {dtype!r}") from e
+    if not jnp.issubdtype(wanted, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype such as 'float32'; got {dtype!r}")
+    return wanted
