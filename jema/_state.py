@@ -8,7 +8,7 @@ import jax
 import optax
 
 from jema._power import width_key
-from jema._trees import copy_floating, pure, shared_float_dtype
+from jema._trees import copy_floating, memory_space_of, place, pure, shared_float_dtype
 
 
 class WeightEmaState(NamedTuple):
@@ -183,7 +183,10 @@ def attach_batch_stats(opt_state: Any, batch_stats: Any) -> Any:
     state = find_ema_state(opt_state)
     emas = state.emas if isinstance(state, PowerEmaState) else {"": state.ema}
     wider = shared_float_dtype(list(emas.values()))
-    copied = {key: copy_floating(pure(batch_stats), wider, at_least=True) for key in emas}
+    space = memory_space_of(list(emas.values()))  # where the EMA lives (host memory, say)
+    copied = {
+        key: place(copy_floating(pure(batch_stats), wider, at_least=True), space) for key in emas
+    }
     stats = copied if isinstance(state, PowerEmaState) else copied[""]
     return jax.tree.map(
         lambda node: node._replace(batch_stats=stats) if _is_ema_state(node) else node,

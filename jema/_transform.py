@@ -14,7 +14,14 @@ import optax
 from jema._power import power_weights, sigma_rel_to_gamma, width_key
 from jema._schedules import Weights, check_every_k_steps, decay_weights_fn, valid_weights
 from jema._state import EmaState, PowerEmaState, WeightEmaState
-from jema._trees import all_finite, average_trees, check_same_structure, copy_floating
+from jema._trees import (
+    all_finite,
+    average_trees,
+    check_memory_kind,
+    check_same_structure,
+    copy_floating,
+    place,
+)
 
 NO_PARAMS = (
     "ema_transform requires the current value of parameters: pass them to update, "
@@ -31,6 +38,7 @@ def ema_transform(
     ema_dtype: Any = None,
     every_k_steps: int = 1,
     skip_nonfinite: bool = False,
+    ema_memory_kind: str | None = None,
     **decay_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """SuperGradients' EMA of the weights, as the last element of an optax chain.
@@ -58,6 +66,10 @@ def ema_transform(
       skip_nonfinite: when the new weights (or batch statistics) hold a NaN or Inf, or the
         schedule's ``d`` is NaN or outside [0, 1] at this step, keep the EMA and its count as
         they were for that step.
+      ema_memory_kind: where the EMA lives: None (with the params), or "pinned_host" to keep
+        every EMA leaf in host memory with the params' sharding (each host holds only its
+        shards). On an averaging step the EMA comes to the device, is updated there and goes
+        back (no gather); with ``every_k_steps=k`` nothing moves on the other steps.
       **decay_kwargs: options for the schedule's class, e.g. ``beta=15`` for "exp",
         ``inv_gamma``, ``power``, ``min_decay``, ``update_after_step`` for "warmup".
 
@@ -70,6 +82,7 @@ def ema_transform(
         every_k_steps not a positive int.
       TypeError: a schedule that cannot be traced by JAX, a non-floating ema_dtype,
         a non-bool skip_nonfinite.
+      ValueError: an ema_memory_kind the devices do not have (the message lists theirs).
 
     Example:
       >>> import jax.numpy as jnp, optax, jema
@@ -88,6 +101,7 @@ def ema_transform(
         ema_dtype=ema_dtype,
         every_k_steps=k,
         skip_nonfinite=skip_nonfinite,
+        ema_memory_kind=ema_memory_kind,
     )
 
 
@@ -97,6 +111,7 @@ def power_ema(
     ema_dtype: Any = None,
     every_k_steps: int = 1,
     skip_nonfinite: bool = False,
+    ema_memory_kind: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Power-function EMAs of several widths (EDM2), for post-hoc EMA; chained last.
 
@@ -114,6 +129,10 @@ def power_ema(
         the work is skipped on the other steps.
       skip_nonfinite: when the new weights (or batch statistics) hold a NaN or Inf, keep the
         EMAs and the count as they were for that step.
+      ema_memory_kind: where the EMA lives: None (with the params), or "pinned_host" to keep
+        every EMA leaf in host memory with the params' sharding (each host holds only its
+        shards). On an averaging step the EMA comes to the device, is updated there and goes
+        back (no gather); with ``every_k_steps=k`` nothing moves on the other steps.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a ``PowerEmaState``.
@@ -121,6 +140,7 @@ def power_ema(
     Raises:
       ValueError: a width outside (0, 1/√12), none or repeated widths, a bad every_k_steps.
       TypeError: a non-floating ema_dtype, a non-bool skip_nonfinite.
+      ValueError: an ema_memory_kind the devices do not have (the message lists theirs).
 
     Example:
       >>> import jax.numpy as jnp, optax, jema
@@ -143,6 +163,7 @@ def power_ema(
         ema_dtype=ema_dtype,
         every_k_steps=k,
         skip_nonfinite=skip_nonfinite,
+        ema_memory_kind=ema_memory_kind,
         power=True,
     )
 
@@ -154,6 +175,7 @@ def _averaging(
     ema_dtype: Any,
     every_k_steps: int | jax.Array,
     skip_nonfinite: bool,
+    ema_memory_kind: str | None,
     power: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """The transform both EMAs share: init copies, update averages every EMA in one pass.
@@ -162,6 +184,7 @@ def _averaging(
     (a :class:`WeightEmaState`), a power EMA one per width (a :class:`PowerEmaState`).
     """
     ema_dtype = _check_ema_dtype(ema_dtype)
+    space = check_memory_kind(ema_memory_kind)
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f"skip_nonfinite must be True or False; got {skip_nonfinite!r}")
     k = every_k_steps
@@ -183,7 +206,7 @@ def _averaging(
     def init_fn(params: optax.Params) -> EmaState:
         if params is None:
             raise ValueError(NO_PARAMS)
-        emas = [copy_floating(params, ema_dtype) for _ in keys]
+        emas = [place(copy_floating(params, ema_dtype), space) for _ in keys]
         return pack(jnp.zeros([], jnp.int32), emas, None)
 
     def update_fn(
@@ -206,10 +229,12 @@ def _averaging(
         weights = weights_at(count)
 
         def average(_: None) -> tuple[list[Any], list[Any] | None]:
-            new_emas = average_trees(emas, optax.apply_updates(params, updates), weights)
+            here = jax.memory.Space.Device if space is not None else None
+            new = optax.apply_updates(params, updates)
+            new_emas = place(average_trees(place(emas, here), new, weights), space)
             if batch_stats is None or stats is None:
                 return new_emas, stats
-            return new_emas, average_trees(stats, batch_stats, weights)
+            return new_emas, place(average_trees(place(stats, here), batch_stats, weights), space)
 
         if isinstance(k, int) and k == 1 and not skip_nonfinite:
             new_emas, new_stats = average(None)

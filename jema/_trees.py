@@ -46,6 +46,82 @@ def pure(tree: Any) -> Any:
     return tree if nnx is None else nnx.as_pure(tree)
 
 
+MEMORY_SPACES = {"device": jax.memory.Space.Device, "pinned_host": jax.memory.Space.Host}
+
+
+def check_memory_kind(kind: str | None) -> Any:
+    """The ``jax.memory.Space`` an EMA kept in memory ``kind`` lives in, or None for default.
+
+    Args:
+      kind: None, "device" or "pinned_host"; it must be one the devices list in
+        ``addressable_memories()``.
+
+    Returns:
+      ``jax.memory.Space.Device``, ``jax.memory.Space.Host``, or None.
+
+    Raises:
+      ValueError: for another kind, naming it and the kinds the devices have.
+
+    Example:
+      >>> check_memory_kind("pinned_host") == jax.memory.Space.Host
+      True
+    """
+    if kind is None:
+        return None
+    listed = sorted({m.kind for m in jax.devices()[0].addressable_memories()})
+    usable = [k for k in listed if k in MEMORY_SPACES]
+    if kind not in usable:
+        raise ValueError(
+            f"ema_memory_kind must be one of {usable} (the devices list {listed}; jema moves "
+            f"the EMA between device and pinned host memory); got {kind!r}"
+        )
+    return MEMORY_SPACES[kind]
+
+
+def place(tree: Any, space: Any) -> Any:
+    """``tree`` with every array leaf in memory ``space``, keeping its sharding.
+
+    Leaves already there are returned as they are (no copy); works on traced leaves too.
+
+    Args:
+      tree: a pytree of jax arrays (None leaves stay None).
+      space: a ``jax.memory.Space``, or None to leave the tree as it is.
+
+    Returns:
+      The tree in ``space``.
+
+    Example:
+      >>> place({"w": jnp.ones(2)}, jax.memory.Space.Host)["w"].sharding.memory_kind
+      'pinned_host'
+    """
+    if space is None:
+        return tree
+
+    def move(x: Any) -> Any:
+        if x is None or jax.typeof(x).memory_space == space:
+            return x
+        return jax.device_put(x, space)
+
+    return jax.tree.map(move, tree, is_leaf=is_none)
+
+
+def memory_space_of(tree: Any) -> Any:
+    """The memory space of ``tree``'s first array leaf, or None for an empty tree.
+
+    Args:
+      tree: a pytree of jax arrays.
+
+    Returns:
+      A ``jax.memory.Space``, or None.
+
+    Example:
+      >>> memory_space_of({"w": jnp.ones(2)}) == jax.memory.Space.Device
+      True
+    """
+    leaves = jax.tree.leaves(tree)
+    return jax.typeof(leaves[0]).memory_space if leaves else None
+
+
 def compute_dtype(dtype: Any) -> jnp.dtype:
     """The dtype the EMA's arithmetic runs in: ``dtype`` promoted to at least float32.
 
@@ -253,7 +329,9 @@ def fill_masked(raw: Any, ema: Any) -> Any:
 
 
 def cast_like(raw: Any, ema: Any) -> Any:
-    """``ema`` (masked leaves filled from ``raw``) cast to the dtypes of ``raw``'s leaves.
+    """``ema`` (masked leaves filled from ``raw``) on the device, cast to ``raw``'s dtypes.
+
+    An EMA kept in host memory comes to the device memory of its sharding (one transfer).
 
     Args:
       raw: the raw model's tree, or None.
@@ -268,8 +346,9 @@ def cast_like(raw: Any, ema: Any) -> Any:
     """
     if raw is None:
         return None
+    on_device = place(fill_masked(raw, ema), jax.memory.Space.Device)
     return jax.tree.map(
-        lambda e, r: jnp.array(e, dtype=jnp.asarray(r).dtype, copy=True), fill_masked(raw, ema), raw
+        lambda e, r: jnp.array(e, dtype=jnp.asarray(r).dtype, copy=True), on_device, raw
     )
 
 

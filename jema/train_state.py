@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
 from jema._state import attach_batch_stats, ema_batch_stats, ema_params, find_ema_state
-from jema._trees import cast_like, fill_masked
+from jema._trees import cast_like, fill_masked, place
 
 
 class TrainState(train_state.TrainState):
@@ -126,7 +127,9 @@ class TrainState(train_state.TrainState):
 
         Returns:
           ``{"params": ..., "batch_stats": ...}`` of the EMA (no ``"batch_stats"`` for a
-          model without them); leaves the EMA does not hold (masked) come from the raw model.
+          model without them), in device memory with the params' sharding (an EMA kept in
+          host memory is brought over); leaves the EMA does not hold (masked) come from the
+          raw model.
 
         Raises:
           ValueError: when the optimizer state holds no EMA, several, or no statistics
@@ -149,7 +152,7 @@ class TrainState(train_state.TrainState):
                     "TrainState.create(..., batch_stats=variables['batch_stats'])."
                 )
             variables["batch_stats"] = stats
-        return variables
+        return place(variables, jax.memory.Space.Device)  # an EMA in host memory comes over
 
 
 def finalize(state: TrainState, sigma_rel: float | None = None) -> TrainState:
