@@ -55,7 +55,7 @@ def batch(seed: int, sharding: NamedSharding) -> tuple[jax.Array, jax.Array]:
     return global_array(x, sharding), global_array(y, sharding)
 
 
-def fresh_state(mesh: jax.sharding.Mesh) -> TrainState:
+def fresh_state(mesh: jax.sharding.Mesh, memory_kind: str | None = None) -> TrainState:
     """The same initial state in every process: kernels split over 'data', the rest replicated."""
     model = Mlp()
     variables = jax.jit(model.init, static_argnames="train")(
@@ -73,7 +73,9 @@ def fresh_state(mesh: jax.sharding.Mesh) -> TrainState:
             apply_fn=model.apply,
             params=v["params"],
             batch_stats=v["batch_stats"],
-            tx=jema.with_ema(optax.adam(0.05), decay=0.9, decay_type="threshold"),
+            tx=jema.with_ema(
+                optax.adam(0.05), decay=0.9, decay_type="threshold", ema_memory_kind=memory_kind
+            ),
         )
     )(variables)
 
@@ -103,8 +105,13 @@ def gathered(prefix: str, state: TrainState) -> dict[str, np.ndarray]:
     }
 
 
-def main(process_id: int, num_processes: int, port: int, workdir: Path) -> None:
-    """Train, checkpoint, restore, train on; process 0 writes ``result.npz``."""
+def main(
+    process_id: int, num_processes: int, port: int, workdir: Path, memory_kind: str | None = None
+) -> None:
+    """Train, checkpoint, restore, train on; process 0 writes ``result.npz``.
+
+    ``memory_kind`` is the EMA's (``ema_memory_kind``): None keeps it with the params.
+    """
     if num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
@@ -116,21 +123,22 @@ def main(process_id: int, num_processes: int, port: int, workdir: Path) -> None:
     assert jax.process_count() == num_processes, jax.devices()
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
     data = NamedSharding(mesh, P("data"))
-    state = fresh_state(mesh)
+    state = fresh_state(mesh, memory_kind)
     for seed in range(3):
         state = train_step(state, *batch(seed, data))
     result = gathered("saved", state)
     jema.checkpoint.save(workdir / "ckpt", 3, state)
-    state = jema.checkpoint.restore(workdir / "ckpt", fresh_state(mesh))
+    state = jema.checkpoint.restore(workdir / "ckpt", fresh_state(mesh, memory_kind))
     result |= gathered("restored", state)
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(jema.ema_params(state.opt_state))}
     for seed in range(3, 5):
         state = train_step(state, *batch(seed, data))
     result |= gathered("final", state)
     if jax.process_index() == 0:
-        np.savez(workdir / "result.npz", **result)
+        np.savez(workdir / "result.npz", ema_memory_kinds=np.array(sorted(kinds)), **result)
     if num_processes > 1:
         jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), *sys.argv[5:])

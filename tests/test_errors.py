@@ -20,7 +20,7 @@ def test_decay_outside_the_open_unit_interval(decay):
 def test_unknown_decay_type_lists_the_registered_names():
     with pytest.raises(
         ValueError,
-        match=r"unknown decay_type 'cosine'; registered: \['constant', 'exp', 'threshold', 'warmup'\]",
+        match=r"unknown decay_type 'cosine'; registered: \['constant', 'exp', 'threshold', 'warmup'\]",  # noqa: E501
     ):
         jema.ema_transform(0.9, "cosine")
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests import multiprocess_worker
 
@@ -28,7 +29,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(workdir: Path) -> None:
+def run_two_processes(workdir: Path, *memory_kind: str) -> None:
     """Start both workers, run the 1-process reference, wait; kill what is left in any case."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -38,14 +39,17 @@ def run_two_processes(workdir: Path) -> None:
             logs.append((workdir / f"worker{i}.log").open("w"))
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, str(WORKER), str(i), "2", str(port), str(workdir / "multi")],
+                    [
+                        *(sys.executable, str(WORKER), str(i), "2", str(port)),
+                        *(str(workdir / "multi"), *memory_kind),
+                    ],
                     env=env,
                     stdout=logs[-1],
                     stderr=subprocess.STDOUT,
                 )
             )
         deadline = time.monotonic() + TIMEOUT_S
-        multiprocess_worker.main(0, 1, 0, workdir / "single")
+        multiprocess_worker.main(0, 1, 0, workdir / "single", *memory_kind)
         for proc in procs:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
@@ -60,8 +64,9 @@ def run_two_processes(workdir: Path) -> None:
         assert proc.returncode == 0, f"worker {i} exited {proc.returncode}:\n{log}"
 
 
-def test_two_processes_match_one_process(tmp_path):
-    run_two_processes(tmp_path)
+@pytest.mark.parametrize("memory_kind", [(), ("pinned_host",)], ids=["device", "pinned_host"])
+def test_two_processes_match_one_process(tmp_path, memory_kind):
+    run_two_processes(tmp_path, *memory_kind)
     multi = dict(np.load(tmp_path / "multi" / "result.npz"))
     single = dict(np.load(tmp_path / "single" / "result.npz"))
     assert sorted(multi) == sorted(single)
@@ -83,3 +88,4 @@ def test_two_processes_match_one_process(tmp_path):
         else:
             np.testing.assert_allclose(multi[key], single[key], rtol=1e-5, atol=1e-6, err_msg=key)
     assert multi["final.opt_state[1].count"] == 5 and multi["final.step"] == 5
+    assert multi["ema_memory_kinds"].tolist() == (list(memory_kind) or ["device"])
