@@ -9,6 +9,8 @@ split into ``--leaves`` leaves it prints a markdown table with:
 - (c) a jitted, donated ``adam`` train step, with and without the EMA, and their ratio;
 - (d) PyTorch on as many threads as JAX uses: foreach Adam, then the EMA as timm does it
   (``torch._foreach_lerp_``) and as SuperGradients does it (``ema.copy_(ema*d + (1-d)*p)``).
+- (h) the EMA in host memory against the EMA on the accelerator, on 1 GiB of weights
+  (``jema._app.bench_hostmem``; on a CPU the rows say that they need an accelerator).
 
 Every row is timed round-robin with the others (so a busy machine slows them alike), after
 warm-up, and reported as the median of ``repeats`` runs.
@@ -16,6 +18,7 @@ warm-up, and reported as the median of ``repeats`` runs.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
@@ -387,7 +390,8 @@ def format_table(rows: Sequence[Row]) -> str:
     lines = ["| row | ms | GB/s or ratio | target | met? |", "|---|---:|---|---|---|"]
     for r in rows:
         met = "" if r.met is None else ("yes" if r.met else "NO")
-        lines.append(f"| {r.name} | {r.ms:.2f} | {r.rate} | {r.target} | {met} |")
+        ms = "n/a" if math.isnan(r.ms) else f"{r.ms:.2f}"
+        lines.append(f"| {r.name} | {ms} | {r.rate} | {r.target} | {met} |")
     return "\n".join(lines)
 
 
@@ -413,7 +417,9 @@ def run(repeats: int = 20, params: int = 25_000_000, leaves: int = 100) -> list[
         f"jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"{_jax_threads()} threads for JAX and torch"
     )
-    rows = measure(params, leaves, repeats)
+    from jema._app.bench_hostmem import hostmem_rows  # it builds on this module's cases
+
+    rows = measure(params, leaves, repeats) + hostmem_rows(repeats)
     print(format_table(rows))
     return rows
 
