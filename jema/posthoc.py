@@ -36,6 +36,7 @@ FORMAT = "jema.posthoc/1"
 METADATA = "metadata"
 PARTS = ("params", "batch_stats")
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+CHUNK_BYTES = 16 * 2**20  # reconstruct reads a stored tree in parts of about this size
 
 
 class ExtrapolationWarning(UserWarning):
@@ -203,7 +204,8 @@ def solve_weights(
 
     Raises:
       ValueError: for lengths that differ, no snapshot or target, a step that is not a
-        positive int, a width outside (0, 1/√12), or no snapshot at or before ``target_step``.
+        positive int, a width outside (0, 1/√12), no snapshot at or before ``target_step``,
+        or a target whose profile the snapshots do not reach (all far earlier).
 
     Example:
       >>> solve_weights([100, 100, 200, 200], [0.05, 0.1] * 2, 200, 0.1).round(6).ravel()
@@ -231,7 +233,17 @@ def solve_weights(
     gram = _inner(t[:, None], g[:, None], t[None, :], g[None, :])
     rhs = _inner(t[:, None], g[:, None], float(target_step), g_target[None, :])
     x = np.linalg.lstsq(gram, rhs, rcond=None)[0]
-    x /= x.sum(axis=0, keepdims=True)
+    sums = x.sum(axis=0)
+    lost = [
+        s for s, total in zip(targets, sums, strict=True) if not np.isfinite(total) or not total
+    ]
+    if lost:
+        raise ValueError(
+            f"the snapshots up to target_step {target_step} do not reach the profile of "
+            f"sigma_rel {lost} (they end too early for so narrow a width); save snapshots "
+            "closer to target_step"
+        )
+    x /= sums
     for j, target in enumerate(targets):
         same = [i for i, k in enumerate(used) if (steps[k], widths[k]) == (target_step, target)]
         if same:
@@ -314,14 +326,15 @@ def reconstruct(
     kept: list[Any] = [None] * len(records)
     with open_manager(_check_path(directory), None) as manager:
         for (t, width), w in _progress(used, progress, len(used)):
-            leaves = _restore(manager, t, _item(part, width), len(records))
-            for i, leaf in enumerate(leaves):
-                if not np.issubdtype(leaf.dtype, np.floating):
-                    kept[i] = leaf
-                    continue
-                for total, weight in zip(sums, w, strict=True):
-                    total[i] += np.multiply(leaf, np.float32(weight), dtype=np.float32)
-            del leaves
+            for group in _groups(records):
+                leaves = _restore(manager, t, _item(part, width), group)
+                for i, leaf in zip(group, leaves, strict=True):
+                    if not np.issubdtype(leaf.dtype, np.floating):
+                        kept[i] = leaf
+                        continue
+                    for total, weight in zip(sums, w, strict=True):
+                        total[i] += np.multiply(leaf, np.float32(weight), dtype=np.float32)
+                del leaves
     trees = [
         _nest(
             records, [_cast(x, k, r, out_dtype) for x, k, r in zip(s, kept, records, strict=True)]
@@ -432,12 +445,32 @@ def _item(part: str, sigma_rel: float) -> str:
     return f"{part}-{width_key(sigma_rel)}"
 
 
-def _restore(manager: ocp.CheckpointManager, step: int, item: str, n: int) -> list[np.ndarray]:
-    """One stored tree's leaves, as numpy arrays in host memory."""
-    as_numpy = {_leaf_name(i): ocp.RestoreArgs(restore_type=np.ndarray) for i in range(n)}
-    args = ocp.args.Composite(**{item: ocp.args.PyTreeRestore(restore_args=as_numpy)})
-    flat = manager.restore(step, args=args)[item]
-    return [flat[_leaf_name(i)] for i in range(n)]
+def _groups(records: list[dict[str, Any]]) -> list[list[int]]:
+    """Consecutive leaves in groups of at most ``CHUNK_BYTES`` (float32), one leaf at least."""
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, record in enumerate(records):
+        nbytes = 4 * math.prod(record["shape"])
+        if groups[-1] and size + nbytes > CHUNK_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += nbytes
+    return groups
+
+
+def _restore(
+    manager: ocp.CheckpointManager, step: int, item: str, leaves: list[int]
+) -> list[np.ndarray]:
+    """Some leaves of one stored tree, as numpy arrays in host memory."""
+    names = [_leaf_name(i) for i in leaves]
+    restore = ocp.args.PyTreeRestore(
+        item=dict.fromkeys(names, 0),
+        restore_args={n: ocp.RestoreArgs(restore_type=np.ndarray) for n in names},
+        partial_restore=True,
+    )
+    flat = manager.restore(step, args=ocp.args.Composite(**{item: restore}))[item]
+    return [flat[n] for n in names]
 
 
 def _cast(total: np.ndarray, kept: Any, record: dict[str, Any], dtype: Any) -> np.ndarray:

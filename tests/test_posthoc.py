@@ -1,0 +1,367 @@
+"""Post-hoc EMA: snapshots, the least-squares weights and the reconstruction, against EDM2's
+numbers (POSTHOC-FACTS.md), closed forms and numpy replays."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jema
+from jema import posthoc
+from jema.checkpoint import save
+
+WIDTHS = (0.05, 0.10)
+# Relative L2 error EDM2's own code reaches on the 1000-element random walk (POSTHOC-FACTS.md).
+EDM2_ERRORS = {
+    None: {0.03: 9.0e-4, 0.07: 5.6e-5, 0.12: 4.4e-5, 0.15: 1.5e-4},
+    "float16": {0.03: 1.3e-3, 0.07: 1.8e-4, 0.12: 2.0e-4, 0.15: 2.3e-4},
+}
+
+
+def post_step_update(tx):
+    """``tx.update`` that makes the params themselves the post-step weights (zero updates)."""
+    return jax.jit(lambda state, p: tx.update(jax.tree.map(jnp.zeros_like, p), state, p)[1])
+
+
+def direct_power_ema(walk: np.ndarray, sigma_rel: float) -> np.ndarray:
+    """The EMA of width ``sigma_rel`` after every row of ``walk``, replayed in float64."""
+    gamma = jema.sigma_rel_to_gamma(sigma_rel)
+    ema = np.zeros(walk.shape[1])
+    for t, theta in enumerate(walk.astype(np.float64), start=1):
+        beta = (1 - 1 / t) ** (gamma + 1)
+        ema = beta * ema + (1 - beta) * theta
+    return ema
+
+
+@pytest.fixture(scope="module")
+def random_walk(tmp_path_factory):
+    """EDM2's test: 2000 steps of a 1000-element random walk, snapshots every 100 steps, kept
+    in float32 and in float16."""
+    walk = np.cumsum(np.random.default_rng(0).standard_normal((2000, 1000)), axis=0)
+    walk = walk.astype(np.float32)
+    folders = {None: tmp_path_factory.mktemp("f32"), "float16": tmp_path_factory.mktemp("f16")}
+    tx = jema.power_ema(WIDTHS)
+    update = post_step_update(tx)
+    state = tx.init({"w": jnp.zeros(1000)})
+    for t, theta in enumerate(walk, start=1):
+        state = update(state, {"w": jnp.asarray(theta)})
+        if t % 100 == 0:
+            for dtype, folder in folders.items():
+                posthoc.save_snapshot(folder, state, dtype=dtype)
+    return walk, folders
+
+
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_random_walk_reaches_edm2s_accuracy_at_each_target(random_walk, dtype):
+    walk, folders = random_walk
+    targets = sorted(EDM2_ERRORS[dtype])
+    with pytest.warns(posthoc.ExtrapolationWarning, match=r"sigma_rel=0.03 is narrower"):
+        trees = posthoc.reconstruct(folders[dtype], targets)
+    for target, tree in zip(targets, trees, strict=True):
+        direct = direct_power_ema(walk, target)
+        error = np.linalg.norm(tree["w"] - direct) / np.linalg.norm(direct)
+        assert error <= 1.05 * EDM2_ERRORS[dtype][target], (target, error)
+        assert tree["w"].dtype == np.float32
+
+
+def test_snapshots_are_listed_with_exact_steps_widths_and_dtype(random_walk):
+    _, folders = random_walk
+    listed = posthoc.list_snapshots(folders["float16"])
+    assert [s.step for s in listed] == list(range(100, 2001, 100))
+    assert {(s.sigma_rels, s.dtype, s.batch_stats) for s in listed} == {(WIDTHS, "float16", False)}
+
+
+def test_a_tracked_width_at_a_snapshot_step_returns_that_snapshot(tmp_path):
+    tx = jema.power_ema(WIDTHS)
+    update = post_step_update(tx)
+    rng = np.random.default_rng(1)
+    params = {"a": jnp.zeros((2, 3)), "b": {"c": jnp.zeros(4)}}
+    state, stored = tx.init(params), {}
+    for t in range(1, 31):
+        new = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+        state = update(state, new)
+        if t % 10 == 0:
+            posthoc.save_snapshot(tmp_path, state, dtype="bfloat16")
+            stored[t] = {s: jema.ema_params(state, sigma_rel=s) for s in WIDTHS}
+    for t in (10, 20, 30):
+        for s in WIDTHS:
+            got = posthoc.reconstruct(tmp_path, s, step=t)
+            want = jax.tree.map(
+                lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), stored[t][s]
+            )
+            jax.tree.map(np.testing.assert_array_equal, got, want)
+    narrow = posthoc.reconstruct(tmp_path, 0.05, step=30, dtype=jnp.bfloat16)
+    assert narrow["b"]["c"].dtype == jnp.bfloat16
+
+
+def test_a_constant_trajectory_reconstructs_exactly(tmp_path):
+    params = {"w": jnp.asarray(np.random.default_rng(2).normal(size=50), jnp.float32)}
+    tx = jema.power_ema(WIDTHS)
+    update = post_step_update(tx)
+    state = tx.init(params)
+    for t in range(1, 401):
+        state = update(state, params)
+        if t % 40 == 0:
+            posthoc.save_snapshot(tmp_path, state)
+    targets = [0.02, 0.07, 0.2, 0.28]
+    with pytest.warns(posthoc.ExtrapolationWarning):
+        trees = posthoc.reconstruct(tmp_path, targets, step=360)
+    for tree in trees:
+        np.testing.assert_allclose(tree["w"], params["w"], rtol=2e-6)
+
+
+def test_batch_statistics_are_snapshotted_and_reconstructed_like_the_weights(tmp_path):
+    tx = jema.power_ema(WIDTHS)
+    params, stats = {"w": jnp.ones(3)}, {"mean": jnp.zeros(3)}
+    state = jema.attach_batch_stats(tx.init(params), stats)
+    update = jax.jit(
+        lambda s, p, b: tx.update(jax.tree.map(jnp.zeros_like, p), s, p, batch_stats=b)
+    )
+    for t in range(1, 401):
+        _, state = update(state, params, {"mean": jnp.full(3, float(t))})
+        if t % 40 == 0:
+            posthoc.save_snapshot(tmp_path, state)
+    assert all(s.batch_stats for s in posthoc.list_snapshots(tmp_path))
+    got = posthoc.reconstruct(tmp_path, 0.1, part="batch_stats")
+    np.testing.assert_array_equal(got["mean"], jema.ema_batch_stats(state, sigma_rel=0.1)["mean"])
+    ramp = posthoc.reconstruct(tmp_path, 0.07, part="batch_stats")["mean"]
+    direct = direct_power_ema(np.arange(1.0, 401.0)[:, None], 0.07)
+    np.testing.assert_allclose(ramp, direct[0], rtol=2e-4)  # measured 1.2e-4
+
+
+def test_the_tree_comes_back_as_nested_dicts_with_non_floating_leaves_kept(tmp_path):
+    params = {"layers": [{"k": jnp.ones(2)}, {"k": jnp.ones(2)}], "n": jnp.arange(3)}
+    tx = jema.power_ema((0.1,))
+    state = post_step_update(tx)(tx.init(params), params)
+    posthoc.save_snapshot(tmp_path, state, dtype=np.float16)
+    got = posthoc.reconstruct(tmp_path, 0.1)
+    assert sorted(got) == ["layers", "n"] and sorted(got["layers"]) == [0, 1]
+    np.testing.assert_array_equal(got["layers"][1]["k"], [1.0, 1.0])
+    assert got["n"].dtype == np.int32 and got["n"].tolist() == [0, 1, 2]
+
+
+def test_inner_products_match_numerical_integration_of_the_profiles():
+    for (t_a, s_a), (t_b, s_b) in [((300, 0.05), (700, 0.1)), ((700, 0.2), (300, 0.03))]:
+        tau = np.linspace(0, min(t_a, t_b), 1_000_001)  # the product is 0 after the earlier end
+        product = posthoc.profile(tau, t_a, s_a) * posthoc.profile(tau, t_b, s_b)
+        g_a, g_b = jema.sigma_rel_to_gamma(s_a), jema.sigma_rel_to_gamma(s_b)
+        closed = posthoc._inner(t_a, g_a, t_b, g_b)
+        assert closed == pytest.approx(np.trapezoid(product, tau), rel=1e-6)
+    assert np.trapezoid(posthoc.profile(tau, 300, 0.1), tau) == pytest.approx(1.0, rel=1e-6)
+
+
+snapshot_grids = st.lists(
+    st.tuples(st.integers(1, 10**5), st.sampled_from((0.05, 0.1, 0.15))),
+    min_size=1,
+    max_size=12,
+    unique=True,
+)
+
+
+@given(
+    snapshot_grids,
+    st.floats(0.5, 2.0),
+    st.lists(st.floats(0.01, 0.28), min_size=1, max_size=4),
+)
+def test_solved_weights_sum_to_one_per_target(snapshots, later, targets):
+    steps = [t for t, _ in snapshots]
+    widths = [s for _, s in snapshots]
+    target_step = max(1, int(later * max(steps)))
+    if min(steps) > target_step:
+        with pytest.raises(ValueError, match="no snapshot at or before target_step"):
+            posthoc.solve_weights(steps, widths, target_step, targets)
+        return
+    weights = posthoc.solve_weights(steps, widths, target_step, targets)
+    assert weights.shape == (len(steps), len(targets)) and weights.dtype == np.float64
+    np.testing.assert_allclose(weights.sum(axis=0), 1.0, rtol=1e-9)
+    assert not weights[np.array(steps) > target_step].any()
+
+
+@given(
+    st.lists(st.integers(1, 10**4), min_size=1, max_size=8, unique=True),
+    st.floats(0.03, 0.25),
+    st.integers(2, 1000),
+)
+def test_solved_weights_do_not_depend_on_the_time_unit(steps, target, unit):
+    widths = [(0.05, 0.1)[i % 2] for i in range(len(steps))]
+    at = max(steps)
+    scaled = posthoc.solve_weights([unit * t for t in steps], widths, unit * at, target)
+    np.testing.assert_allclose(
+        scaled, posthoc.solve_weights(steps, widths, at, target), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_one_snapshot_gets_all_the_weight_and_a_tracked_target_its_own_snapshot():
+    assert posthoc.solve_weights([100], [0.05], 100, [0.03, 0.2]).tolist() == [[1.0, 1.0]]
+    weights = posthoc.solve_weights([10, 10, 20, 20, 30], [0.05, 0.1] * 2 + [0.1], 20, 0.05)
+    assert weights.ravel().tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (([1, 2], [0.05], 2, 0.1), "must be non-empty and of one length; got 2 steps and 1"),
+        (([], [], 2, 0.1), "must be non-empty"),
+        (([0], [0.05], 2, 0.1), "snapshot_steps must hold positive ints .*; got 0"),
+        (([2.5], [0.05], 2, 0.1), "snapshot_steps must hold positive ints .*; got 2.5"),
+        (([True], [0.05], 2, 0.1), "snapshot_steps must hold positive ints .*; got True"),
+        (([1], [0.3], 2, 0.1), r"sigma_rel must be a number in \(0, 0.2887\)"),
+        (([1], [0.05], 2, math.nan), r"sigma_rel must be a number in \(0, 0.2887\)"),
+        (([1], [0.05], 2, []), "target_sigma_rels must name at least one width"),
+        (([1], [0.05], 0, 0.1), "target_step must hold positive ints .*; got 0"),
+        (([5, 7], [0.05, 0.1], 4, 0.1), "no snapshot at or before target_step 4; the earliest"),
+        (([1], [0.05], 10**6, 0.01), r"do not reach the profile of sigma_rel \[0.01\]"),
+    ],
+)
+def test_solve_weights_refuses_bad_input(args, message):
+    with pytest.raises(ValueError, match=message):
+        posthoc.solve_weights(*args)
+
+
+@pytest.fixture
+def one_step_state():
+    tx = optax.chain(optax.sgd(0.1), jema.power_ema(WIDTHS))
+    params = {"w": jnp.ones(3)}
+    _, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+    return state
+
+
+def steps_in(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name[0].isdigit())
+
+
+def test_save_snapshot_refuses_bad_input_and_writes_nothing(tmp_path, one_step_state):
+    folder = tmp_path / "snaps"
+    cases = [
+        ({"dtype": "float64"}, ValueError, r"dtype must be None or one of \('float16'"),
+        ({"dtype": jnp.int8}, ValueError, "dtype must be None or one of"),
+        ({"dtype": "nope"}, ValueError, "got 'nope'"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            posthoc.save_snapshot(folder, one_step_state, **kwargs)
+    tx = jema.with_ema(optax.sgd(0.1))
+    with pytest.raises(TypeError, match="needs the power EMA of jema.power_ema"):
+        posthoc.save_snapshot(folder, tx.init({"w": jnp.ones(3)}))
+    fresh = jema.power_ema(WIDTHS).init({"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match="has averaged no optimizer step yet"):
+        posthoc.save_snapshot(folder, fresh)
+    with pytest.raises(TypeError, match="directory must be a path"):
+        posthoc.save_snapshot(3, one_step_state)
+    assert not folder.exists()
+    file = tmp_path / "a-file"
+    file.write_text("mine")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        posthoc.save_snapshot(file, one_step_state)
+    assert file.read_text() == "mine"
+
+
+def test_an_existing_or_earlier_step_is_refused_and_the_folder_kept(tmp_path, one_step_state):
+    posthoc.save_snapshot(tmp_path, one_step_state, dtype="float16")
+    with pytest.raises(ValueError, match=r"snapshot step 1 already exists in .*; orbax would"):
+        posthoc.save_snapshot(tmp_path, one_step_state)
+    later = one_step_state[1]._replace(count=jnp.asarray(5, jnp.int32))
+    posthoc.save_snapshot(tmp_path, later)
+    with pytest.raises(ValueError, match=r"snapshot step 1 already exists"):
+        posthoc.save_snapshot(tmp_path, one_step_state)
+    assert [(s.step, s.dtype) for s in posthoc.list_snapshots(tmp_path)] == [
+        (1, "float16"),
+        (5, None),
+    ]
+    assert steps_in(tmp_path) == ["1", "5"]
+
+
+def test_reconstruct_refuses_bad_folders_steps_and_arguments(tmp_path, one_step_state):
+    with pytest.raises(FileNotFoundError, match="no snapshot folder"):
+        posthoc.reconstruct(tmp_path / "nowhere", 0.07)
+    with pytest.raises(FileNotFoundError, match="no snapshot folder"):
+        posthoc.list_snapshots(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
+    with pytest.raises(FileNotFoundError, match="no snapshot in"):
+        posthoc.reconstruct(tmp_path, 0.07)
+    later = one_step_state[1]._replace(count=jnp.asarray(8, jnp.int32))
+    posthoc.save_snapshot(tmp_path, later)
+    for kwargs, message in [
+        ({"step": 7}, r"no snapshot at or before step 7; saved steps: \[8\]"),
+        ({"step": 0}, "step must hold positive ints"),
+        ({"dtype": "int32"}, "dtype must be a floating dtype such as 'float32'; got 'int32'"),
+        ({"dtype": "nope"}, "dtype must be a floating dtype"),
+        ({"part": "ema"}, r"part must be one of \('params', 'batch_stats'\); got 'ema'"),
+        ({"part": "batch_stats"}, "hold no batch statistics"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            posthoc.reconstruct(tmp_path, 0.07, **kwargs)
+    with pytest.raises(ValueError, match=r"sigma_rel must be a number in \(0, 0.2887\)"):
+        posthoc.reconstruct(tmp_path, [0.07, 0.5])
+
+
+def test_snapshots_of_different_trees_are_refused(tmp_path, one_step_state):
+    posthoc.save_snapshot(tmp_path, one_step_state)
+    tx = jema.power_ema(WIDTHS)
+    other = {"w": jnp.ones(4), "extra": jnp.ones(1)}
+    state = post_step_update(tx)(tx.init(other), other)
+    posthoc.save_snapshot(tmp_path, state._replace(count=jnp.asarray(2, jnp.int32)))
+    with pytest.raises(ValueError, match=r"different trees .*steps 1 and 2 differ in params "):
+        posthoc.reconstruct(tmp_path, 0.07)
+    np.testing.assert_allclose(posthoc.reconstruct(tmp_path, 0.1, step=1)["w"], 0.9, rtol=1e-7)
+
+
+def test_a_folder_of_other_checkpoints_is_not_read_as_snapshots(tmp_path):
+    save(tmp_path, 3, {"w": jnp.ones(2)})
+    with pytest.raises(ValueError, match="step 3 in .* is not a jema snapshot"):
+        posthoc.list_snapshots(tmp_path)
+
+
+MEASURE = """
+import resource, sys
+from jema import posthoc
+posthoc.reconstruct(sys.argv[1], 0.07)  # warm-up: imports, orbax's threads
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tree = posthoc.reconstruct(sys.argv[2], 0.07)
+grown = 1024 * (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(grown / sum(x.nbytes for x in tree.values()))
+"""
+
+WRITE = """
+import sys, jax, jax.numpy as jnp, numpy as np, jema
+from jema import posthoc
+n, leaves = int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+params = {f"w{i}": jnp.asarray(rng.standard_normal(n // leaves, np.float32)) for i in range(leaves)}
+tx = jema.power_ema((0.05, 0.10))
+_, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+posthoc.save_snapshot(sys.argv[1], state)
+"""
+
+
+def test_reconstruct_streams_in_at_most_three_times_the_trees_size(tmp_path):
+    python = [sys.executable, "-c"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for name, size in (("small", 1000), ("big", 25_000_000)):  # 100 MB of float32
+        command = [*python, WRITE, str(tmp_path / name), str(size), "10"]
+        subprocess.run(command, check=True, env=env, capture_output=True)
+    command = [*python, MEASURE, str(tmp_path / "small"), str(tmp_path / "big")]
+    done = subprocess.run(command, check=True, env=env, capture_output=True, text=True)
+    ratio = float(done.stdout.split()[-1])
+    assert 0 < ratio <= 3.0, ratio
+
+
+def test_reconstruct_warns_only_when_extrapolating(random_walk):
+    _, folders = random_walk
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        posthoc.reconstruct(folders[None], 0.05, step=1000)
+    with pytest.warns(posthoc.ExtrapolationWarning, match=r"narrowest 0.05\)"):
+        posthoc.reconstruct(folders[None], 0.049)
