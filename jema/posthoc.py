@@ -19,7 +19,7 @@ import math
 import numbers
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ FORMAT = "jema.posthoc/1"
 METADATA = "metadata"
 PARTS = ("params", "batch_stats")
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
-CHUNK_BYTES = 16 * 2**20  # reconstruct reads a stored tree in parts of about this size
+CHUNK_BYTES = 16 * 2**20  # stored trees are read in parts of about this size
 
 
 class ExtrapolationWarning(UserWarning):
@@ -299,8 +299,7 @@ def reconstruct(
     single = not isinstance(sigma_rel, Iterable)
     targets = [_check_sigma_rel(s) for s in _sequence(sigma_rel)]
     out_dtype = _check_dtype(dtype)
-    if part not in PARTS:
-        raise ValueError(f"part must be one of {PARTS}; got {part!r}")
+    _part_records({"params": [], "batch_stats": []}, part, directory)
     index = _read_index(directory)
     if not index:
         raise FileNotFoundError(f"no snapshot in {os.fspath(directory)!r}")
@@ -326,15 +325,12 @@ def reconstruct(
     kept: list[Any] = [None] * len(records)
     with open_manager(_check_path(directory), None) as manager:
         for (t, width), w in _progress(used, progress, len(used)):
-            for group in _groups(records):
-                leaves = _restore(manager, t, _item(part, width), group)
-                for i, leaf in zip(group, leaves, strict=True):
-                    if not np.issubdtype(leaf.dtype, np.floating):
-                        kept[i] = leaf
-                        continue
-                    for total, weight in zip(sums, w, strict=True):
-                        total[i] += np.multiply(leaf, np.float32(weight), dtype=np.float32)
-                del leaves
+            for i, leaf in _stored_leaves(manager, t, _item(part, width), records):
+                if not np.issubdtype(leaf.dtype, np.floating):
+                    kept[i] = leaf
+                    continue
+                for total, weight in zip(sums, w, strict=True):
+                    total[i] += np.multiply(leaf, np.float32(weight), dtype=np.float32)
     trees = [
         _nest(
             records, [_cast(x, k, r, out_dtype) for x, k, r in zip(s, kept, records, strict=True)]
@@ -342,6 +338,52 @@ def reconstruct(
         for s in sums
     ]
     return trees[0] if single else trees
+
+
+def load_snapshot(
+    directory: str | os.PathLike[str], step: int, sigma_rel: float, *, part: str = "params"
+) -> Any:
+    """One tracked width of one snapshot, as stored (in its storage dtype).
+
+    Args:
+      directory: a folder :func:`save_snapshot` wrote.
+      step: the snapshot's step.
+      sigma_rel: one of the widths it holds.
+      part: "params" or "batch_stats".
+
+    Returns:
+      The tree, as :func:`reconstruct` returns it.
+
+    Raises:
+      FileNotFoundError: when the folder or the step does not exist.
+      ValueError: for a width the snapshot does not hold (listing those it does), or a bad
+        ``part``.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp, jema
+      >>> tx, folder = jema.power_ema((0.1,)), tempfile.mkdtemp()
+      >>> _, state = tx.update({"w": jnp.zeros(2)}, tx.init({"w": jnp.ones(2)}), {"w": jnp.ones(2)})
+      >>> _ = save_snapshot(folder, state, dtype="bfloat16")
+      >>> load_snapshot(folder, 1, 0.1)["w"].dtype
+      dtype(bfloat16)
+    """
+    by_step = {m["step"]: m for m in _read_index(directory)}
+    if step not in by_step:
+        raise FileNotFoundError(
+            f"no snapshot step {step!r} in {os.fspath(directory)!r}; saved steps: {sorted(by_step)}"
+        )
+    metadata = by_step[step]
+    records = _part_records(metadata, part, directory)
+    if _check_sigma_rel(sigma_rel) not in metadata["sigma_rels"]:
+        raise ValueError(
+            f"snapshot {step} holds sigma_rel {metadata['sigma_rels']}; got {sigma_rel!r} "
+            "(use reconstruct for another width)"
+        )
+    leaves: list[Any] = [None] * len(records)
+    with open_manager(_check_path(directory), None) as manager:
+        for i, leaf in _stored_leaves(manager, step, _item(part, sigma_rel), records):
+            leaves[i] = leaf
+    return _nest(records, leaves)
 
 
 def _inner(t_a: Any, g_a: Any, t_b: Any, g_b: Any) -> np.ndarray:
@@ -386,12 +428,8 @@ def _record(metadata: dict[str, Any]) -> Snapshot:
 
 def _same_tree(taking: list[dict[str, Any]], part: str, directory: Any) -> list[dict[str, Any]]:
     """The leaf records every snapshot taking part shares; a clear error when they differ."""
-    if part not in taking[-1]:
-        raise ValueError(
-            f"the snapshots in {os.fspath(directory)!r} hold no batch statistics: attach them "
-            "with jema.attach_batch_stats before training to snapshot them"
-        )
     latest = taking[-1]
+    _part_records(latest, part, directory)
     for other in taking[:-1]:
         if other.get(part) != latest[part]:
             theirs = {_path_text(r): r for r in other.get(part) or []}
@@ -405,6 +443,18 @@ def _same_tree(taking: list[dict[str, Any]], part: str, directory: Any) -> list[
                 "reconstruct from the snapshots of one run"
             )
     return latest[part]
+
+
+def _part_records(metadata: dict[str, Any], part: str, directory: Any) -> list[dict[str, Any]]:
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}; got {part!r}")
+    if part not in metadata:
+        raise ValueError(
+            f"the snapshots in {os.fspath(directory)!r} hold no batch statistics: attach them "
+            "with jema.attach_batch_stats before training to snapshot them"
+        )
+    records: list[dict[str, Any]] = metadata[part]
+    return records
 
 
 def _leaf_records(tree: Any) -> list[dict[str, Any]]:
@@ -445,32 +495,26 @@ def _item(part: str, sigma_rel: float) -> str:
     return f"{part}-{width_key(sigma_rel)}"
 
 
-def _groups(records: list[dict[str, Any]]) -> list[list[int]]:
-    """Consecutive leaves in groups of at most ``CHUNK_BYTES`` (float32), one leaf at least."""
-    groups: list[list[int]] = [[]]
+def _stored_leaves(
+    manager: ocp.CheckpointManager, step: int, item: str, records: list[dict[str, Any]]
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(index, leaf)`` of one stored tree as numpy arrays, read ``CHUNK_BYTES`` at a time
+    (so a large tree never sits in memory twice: reading it whole costs about 2x its size)."""
+    group: list[int] = []
     size = 0
     for i, record in enumerate(records):
-        nbytes = 4 * math.prod(record["shape"])
-        if groups[-1] and size + nbytes > CHUNK_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(i)
-        size += nbytes
-    return groups
-
-
-def _restore(
-    manager: ocp.CheckpointManager, step: int, item: str, leaves: list[int]
-) -> list[np.ndarray]:
-    """Some leaves of one stored tree, as numpy arrays in host memory."""
-    names = [_leaf_name(i) for i in leaves]
-    restore = ocp.args.PyTreeRestore(
-        item=dict.fromkeys(names, 0),
-        restore_args={n: ocp.RestoreArgs(restore_type=np.ndarray) for n in names},
-        partial_restore=True,
-    )
-    flat = manager.restore(step, args=ocp.args.Composite(**{item: restore}))[item]
-    return [flat[n] for n in names]
+        group.append(i)
+        size += 4 * math.prod(record["shape"])
+        if size >= CHUNK_BYTES or i == len(records) - 1:
+            names = [_leaf_name(k) for k in group]
+            restore = ocp.args.PyTreeRestore(
+                item=dict.fromkeys(names, 0),
+                restore_args={n: ocp.RestoreArgs(restore_type=np.ndarray) for n in names},
+                partial_restore=True,
+            )
+            flat = manager.restore(step, args=ocp.args.Composite(**{item: restore}))[item]
+            yield from zip(group, (flat.pop(n) for n in names), strict=True)
+            group, size = [], 0
 
 
 def _cast(total: np.ndarray, kept: Any, record: dict[str, Any], dtype: Any) -> np.ndarray:

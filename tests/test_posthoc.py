@@ -102,6 +102,9 @@ def test_a_tracked_width_at_a_snapshot_step_returns_that_snapshot(tmp_path):
                 lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), stored[t][s]
             )
             jax.tree.map(np.testing.assert_array_equal, got, want)
+            stored_tree = posthoc.load_snapshot(tmp_path, t, s)
+            assert stored_tree["a"].dtype == ml_dtypes.bfloat16
+            jax.tree.map(np.testing.assert_array_equal, stored_tree, want)
     narrow = posthoc.reconstruct(tmp_path, 0.05, step=30, dtype=jnp.bfloat16)
     assert narrow["b"]["c"].dtype == jnp.bfloat16
 
@@ -305,6 +308,12 @@ def test_reconstruct_refuses_bad_folders_steps_and_arguments(tmp_path, one_step_
             posthoc.reconstruct(tmp_path, 0.07, **kwargs)
     with pytest.raises(ValueError, match=r"sigma_rel must be a number in \(0, 0.2887\)"):
         posthoc.reconstruct(tmp_path, [0.07, 0.5])
+    with pytest.raises(FileNotFoundError, match=r"no snapshot step 7 in .*; saved steps: \[8\]"):
+        posthoc.load_snapshot(tmp_path, 7, 0.05)
+    with pytest.raises(ValueError, match=r"snapshot 8 holds sigma_rel \[0.05, 0.1\]; got 0.07"):
+        posthoc.load_snapshot(tmp_path, 8, 0.07)
+    with pytest.raises(ValueError, match="hold no batch statistics"):
+        posthoc.load_snapshot(tmp_path, 8, 0.05, part="batch_stats")
 
 
 def test_snapshots_of_different_trees_are_refused(tmp_path, one_step_state):
