@@ -4,40 +4,47 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Literal, Unpack, overload
 
 import jax
 import numpy as np
 
-from interop._convert import Options, TorchTemplate, flax_to_torch, torch_to_flax
+from interop._convert import Options, state_dict, torch_to_flax
 from interop._dtypes import to_torch
-from interop._files import save_safetensors, save_torch
+from interop._files import save_safetensors
 from interop._names import Rename
+from interop._pth import save_pth
 from interop._report import Converted
 from interop._schema import flat_section_hint, pick_section, read_checkpoint, to_safetensors
+from interop._torch import require
+from interop._types import TorchTemplate, Variables
 
 
 @overload
 def load_checkpoint(
-    path: str | os.PathLike[str], template: Any, *, which: str = ..., prefix: str | None = ...,
+    path: str | os.PathLike[str], template: Variables, *, which: str = ...,
+    prefix: str | None = ...,
     strict: Literal[True] = ..., **options: Unpack[Options],
 ) -> Any: ...  # fmt: skip
 @overload
 def load_checkpoint(
-    path: str | os.PathLike[str], template: Any, *, which: str = ..., prefix: str | None = ...,
+    path: str | os.PathLike[str], template: Variables, *, which: str = ...,
+    prefix: str | None = ...,
     strict: Literal[False], **options: Unpack[Options],
 ) -> Converted: ...  # fmt: skip
 @overload
 def load_checkpoint(
-    path: str | os.PathLike[str], template: Any, *, which: str = ..., prefix: str | None = ...,
+    path: str | os.PathLike[str], template: Variables, *, which: str = ...,
+    prefix: str | None = ...,
     strict: bool, **options: Unpack[Options],
 ) -> Any: ...  # fmt: skip
 
 
 def load_checkpoint(
     path: str | os.PathLike[str],
-    template: Any,
+    template: Variables,
     *,
     which: str = "auto",
     prefix: str | None = None,
@@ -49,8 +56,8 @@ def load_checkpoint(
     """Loads ``net`` or ``ema_net`` from a ``.pth``/``.safetensors`` file into a Flax template.
 
     Args:
-      path: a ``torch.save`` checkpoint (SuperGradients layout or a bare state_dict) or a
-        safetensors file; read with ``weights_only=True``.
+      path: a ``torch.save`` checkpoint (SuperGradients layout or a bare state_dict), read
+        with ``weights_only=True`` (needs PyTorch), or a safetensors file (does not).
       template: linen variables, an nnx model or state (see ``torch_to_flax``).
       which: ``"auto"`` (``ema_net`` when present, else ``net``), ``"net"`` or ``"ema_net"``.
       prefix: load one part of a composite checkpoint, e.g. ``"teacher."`` of a KD model, or
@@ -65,6 +72,7 @@ def load_checkpoint(
       ``strict=False``.
 
     Raises:
+      ImportError: for a ``torch.save`` file when PyTorch is not installed.
       OSError: when the file cannot be opened.
       ValueError: naming the file, for unreadable or unsafe files, a missing section, or
         mismatches (strict).
@@ -72,7 +80,7 @@ def load_checkpoint(
     Example:
       >>> import os, tempfile, jax.numpy as jnp
       >>> tmpl = {"params": {"fc": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}}}
-      >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pth")
+      >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.safetensors")
       >>> save_checkpoint(path, net=tmpl, ema_net=tmpl, epoch=3)
       >>> load_checkpoint(path, tmpl)["params"]["fc"]["bias"].shape
       (3,)
@@ -97,8 +105,8 @@ def load_checkpoint(
 def save_checkpoint(
     path: str | os.PathLike[str],
     *,
-    net: Any,
-    ema_net: Any = None,
+    net: Variables,
+    ema_net: Variables | None = None,
     torch_template: TorchTemplate | None = None,
     **extra: Any,
 ) -> None:
@@ -106,9 +114,12 @@ def save_checkpoint(
 
     ``.safetensors`` paths get flat ``net.<key>``/``ema_net.<key>`` tensors with ``extra`` as
     JSON metadata, plus ``{"jema.sections": "net,ema_net"}`` (the sections written) so the file
-    reads back as sections even with ``net`` alone; anything else is a ``torch.save`` dict
-    ``{"net", "ema_net", **extra}`` that ``torch.load(weights_only=True)`` reads: numpy/jax
-    scalars in ``extra`` become Python numbers and arrays become tensors. For a KD model, pass
+    reads back as sections even with ``net`` alone; they need no PyTorch. Anything else is a
+    ``torch.save`` dict ``{"net", "ema_net", **extra}`` that ``torch.load(weights_only=True)``
+    reads: numpy/jax scalars in ``extra`` become Python numbers and arrays become tensors.
+    Its kernels are PyTorch-layout views of the Flax arrays' memory, written without a
+    transposing copy: ``torch.load`` gives them with those strides (not contiguous), and
+    ``load_state_dict`` copies them as it copies any tensor. For a KD model, pass
     ``net={"student": s, "teacher": t}`` and a template module with ``.student`` and
     ``.teacher`` to get ``student.*``/``teacher.*`` keys.
 
@@ -124,33 +135,43 @@ def save_checkpoint(
       **extra: other entries, e.g. ``epoch=3, acc=0.91``.
 
     Raises:
+      ImportError: for a ``torch.save`` path (or an ``nn.Module`` template) when PyTorch is
+        not installed, before anything is converted.
       ValueError: listing mismatches against the template; for a safetensors path, when
         ``extra`` has the reserved key ``jema.sections``.
       TypeError: naming the key, before anything is written, for ``extra`` values that a
         safetensors file cannot hold as JSON or that ``torch.load(weights_only=True)`` would not
-        load back (e.g. ``object()``).
+        load back (e.g. ``object()``), and for complex128 arrays in a safetensors file.
       OSError: naming ``path`` when it cannot be written (``PermissionError`` for a read-only
         file, a full disk); the old file is then left as it was.
 
     Example:
-      >>> import os, tempfile, jax.numpy as jnp, torch
+      >>> import os, tempfile, jax.numpy as jnp
       >>> net = {"params": {"fc": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}}
-      >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pth")
+      >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.safetensors")
       >>> save_checkpoint(path, net=net, epoch=1)
-      >>> sorted(torch.load(path, weights_only=True))
-      ['epoch', 'net']
+      >>> sorted(read_checkpoint(path)["net"])
+      ['fc.bias', 'fc.weight']
     """
-    sections = {"net": flax_to_torch(net, torch_template)}
+    safetensors = os.fspath(path).endswith(".safetensors")
+    if not safetensors:
+        require(f"writing {os.fspath(path)} (a torch.save file)")
+    sections = {"net": state_dict(net, torch_template)}
     if ema_net is not None:
-        sections["ema_net"] = flax_to_torch(ema_net, torch_template)
-    if os.fspath(path).endswith(".safetensors"):
+        same = ema_net is net
+        sections["ema_net"] = sections["net"] if same else state_dict(ema_net, torch_template)
+    if safetensors:
         try:
             metadata = {key: json.dumps(_plain(value)) for key, value in extra.items()}
         except TypeError as e:
             raise TypeError(f"safetensors metadata must be JSON; {e}") from e
         save_safetensors(path, *to_safetensors(sections, metadata))
     else:
-        save_torch(path, {**sections, **{k: _plain(v, tensors=True) for k, v in extra.items()}})
+        tensors = {
+            name: OrderedDict((k, to_torch(v, copy=False)) for k, v in section.items())
+            for name, section in sections.items()
+        }
+        save_pth(path, {**tensors, **{k: _plain(v, tensors=True) for k, v in extra.items()}})
 
 
 def _plain(value: Any, tensors: bool = False) -> Any:

@@ -1,24 +1,30 @@
-"""The pure conversions: a PyTorch state_dict <-> Flax variables, through numpy."""
+"""The pure conversions: a PyTorch state_dict <-> Flax variables, through numpy.
+
+Only ``flax_to_torch`` needs PyTorch: numpy arrays are the hub, so a state_dict of numpy arrays
+(read from a safetensors file without PyTorch) converts as one of tensors does.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypedDict, Unpack, overload
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
-from interop._dtypes import numpy_dtype, to_numpy, to_torch
+from interop._dtypes import as_numpy, is_array, numpy_dtype, to_torch
 from interop._layouts import torch_shapes
 from interop._match import Unit, pair, units
 from interop._names import Rename, usable_names
 from interop._report import Converted, Problems, few
+from interop._torch import is_module, require
 from interop._tree import Flat, flatten
+from interop._types import StateDict, TorchTemplate, Variables
 
-TorchTemplate = torch.nn.Module | Mapping[str, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
 
 
 class Options(TypedDict, total=False):
@@ -31,24 +37,24 @@ class Options(TypedDict, total=False):
 
 @overload
 def torch_to_flax(
-    state_dict: Mapping[str, torch.Tensor], template: Any, *, prefix: str | None = ...,
+    state_dict: StateDict, template: Variables, *, prefix: str | None = ...,
     strict: Literal[True] = ..., **options: Unpack[Options],
 ) -> Any: ...  # fmt: skip
 @overload
 def torch_to_flax(
-    state_dict: Mapping[str, torch.Tensor], template: Any, *, prefix: str | None = ...,
+    state_dict: StateDict, template: Variables, *, prefix: str | None = ...,
     strict: Literal[False], **options: Unpack[Options],
 ) -> Converted: ...  # fmt: skip
 @overload
 def torch_to_flax(
-    state_dict: Mapping[str, torch.Tensor], template: Any, *, prefix: str | None = ...,
+    state_dict: StateDict, template: Variables, *, prefix: str | None = ...,
     strict: bool, **options: Unpack[Options],
 ) -> Any: ...  # fmt: skip
 
 
 def torch_to_flax(
-    state_dict: Mapping[str, torch.Tensor],
-    template: Any,
+    state_dict: StateDict,
+    template: Variables,
     *,
     prefix: str | None = None,
     rename: Rename | None = None,
@@ -73,7 +79,8 @@ def torch_to_flax(
     pass one rename rule per layer, e.g. ``{r"^layers\\.0\\.": "Dense.0."}``.
 
     Args:
-      state_dict: PyTorch names -> tensors; a ``module.`` prefix on every key is dropped.
+      state_dict: PyTorch names -> tensors, or numpy arrays (e.g. read from a safetensors file
+        without PyTorch); a ``module.`` prefix on every key is dropped.
       template: linen variables (arrays or ``jax.ShapeDtypeStruct``), an nnx model or state, or
         a mapping of names to those (each name a key prefix, e.g. ``student``).
       prefix: keep only keys starting with it (e.g. ``"teacher."``), without it.
@@ -94,8 +101,7 @@ def torch_to_flax(
       TypeError: for a template or state_dict of the wrong kind.
 
     Example:
-      >>> import jax.numpy as jnp, torch
-      >>> sd = {"fc.weight": torch.ones(3, 2), "fc.bias": torch.zeros(3)}
+      >>> sd = {"fc.weight": np.ones((3, 2), np.float32), "fc.bias": np.zeros(3, np.float32)}
       >>> tmpl = {"params": {"fc": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}}}
       >>> torch_to_flax(sd, tmpl)["params"]["fc"]["kernel"].shape
       (2, 3)
@@ -117,23 +123,23 @@ def torch_to_flax(
 
 @overload
 def flax_to_torch(
-    variables: Any, torch_template: TorchTemplate | None = ..., *,
+    variables: Variables, torch_template: TorchTemplate | None = ..., *,
     strict: Literal[True] = ..., **options: Unpack[Options],
 ) -> OrderedDict[str, torch.Tensor]: ...  # fmt: skip
 @overload
 def flax_to_torch(
-    variables: Any, torch_template: TorchTemplate | None = ..., *,
+    variables: Variables, torch_template: TorchTemplate | None = ..., *,
     strict: Literal[False], **options: Unpack[Options],
 ) -> Converted: ...  # fmt: skip
 @overload
 def flax_to_torch(
-    variables: Any, torch_template: TorchTemplate | None = ..., *,
+    variables: Variables, torch_template: TorchTemplate | None = ..., *,
     strict: bool, **options: Unpack[Options],
 ) -> OrderedDict[str, torch.Tensor] | Converted: ...  # fmt: skip
 
 
 def flax_to_torch(
-    variables: Any,
+    variables: Variables,
     torch_template: TorchTemplate | None = None,
     *,
     rename: Rename | None = None,
@@ -154,7 +160,7 @@ def flax_to_torch(
     Args:
       variables: linen variables, an nnx model or state, or a mapping of names to those
         (``{"student": ..., "teacher": ...}`` gives ``student.*`` and ``teacher.*`` keys).
-      torch_template: an ``nn.Module`` or its state_dict.
+      torch_template: an ``nn.Module`` or its state_dict (tensors or numpy arrays).
       rename: ``{regex: replacement}`` rules turning template names into default names (with a
         template only).
       match_by_order: pair what is left in order (linen variables from an eager ``init``; with
@@ -164,12 +170,14 @@ def flax_to_torch(
       cast: convert to the template's dtypes instead of reporting differences.
 
     Returns:
-      An ``OrderedDict`` of PyTorch names -> new tensors (or ``Converted`` when not strict).
+      An ``OrderedDict`` of PyTorch names -> new contiguous tensors (or ``Converted`` when not
+      strict).
 
     Raises:
       ValueError: listing every missing, unexpected, mis-shaped or mis-typed key (strict);
         naming ``rename`` or ``match_by_order`` when given without a template.
       TypeError: for inputs of the wrong kind.
+      ImportError: when PyTorch is not installed.
 
     Example:
       >>> import jax.numpy as jnp
@@ -177,6 +185,47 @@ def flax_to_torch(
       >>> {k: tuple(v.shape) for k, v in flax_to_torch(variables).items()}
       {'layers.0.weight': (3, 2), 'layers.0.bias': (3,)}
     """
+    require("flax_to_torch")
+    options: Options = {"rename": rename, "match_by_order": match_by_order, "cast": cast}
+    out = state_dict(variables, torch_template, strict, options)
+    if isinstance(out, Converted):
+        return Converted(_tensors(out.value), out.report)
+    return _tensors(out)
+
+
+def _tensors(arrays: Mapping[str, np.ndarray]) -> OrderedDict[str, torch.Tensor]:
+    return OrderedDict((key, to_torch(array)) for key, array in arrays.items())
+
+
+def state_dict(
+    variables: Variables,
+    torch_template: TorchTemplate | None = None,
+    strict: bool = True,
+    options: Options | None = None,
+) -> Any:
+    """``flax_to_torch`` with numpy arrays for tensors, so it runs without PyTorch.
+
+    Args:
+      variables, torch_template, strict: as in ``flax_to_torch``.
+      options: ``rename``, ``match_by_order`` and ``cast``, as in ``flax_to_torch``.
+
+    Returns:
+      An ``OrderedDict`` of PyTorch names -> numpy arrays in PyTorch's layout (or ``Converted``
+      when not strict). They may be read-only views of the variables' (or template's) memory,
+      e.g. a transposed view for a kernel: copy one before writing to it.
+
+    Raises:
+      ValueError: as ``flax_to_torch``.
+      TypeError: as ``flax_to_torch``.
+
+    Example:
+      >>> variables = {"params": {"fc": {"kernel": np.ones((2, 3), np.float32)}}}
+      >>> {k: v.shape for k, v in state_dict(variables).items()}
+      {'fc.weight': (3, 2)}
+    """
+    rename = (options or {}).get("rename")
+    match_by_order = (options or {}).get("match_by_order", False)
+    cast = (options or {}).get("cast", False)
     flat = flatten(variables)
     if torch_template is None:
         _refuse_without_template(rename, match_by_order)
@@ -186,16 +235,16 @@ def flax_to_torch(
     pairing = pair(flat.leaves, _usable(template), rename, match_by_order)
     problems = Problems(missing=pairing.unused)
     problems.unexpected += [leaf.label for unit, _ in pairing.lacking for leaf in unit.leaves]
-    produced: dict[str, torch.Tensor] = {}
+    produced: dict[str, np.ndarray] = {}
     for unit, keys in pairing.found:
         arrays = unit.layout.to_torch([np.asarray(leaf.value) for leaf in unit.leaves])
         for key, array in zip(keys, arrays, strict=True):
-            tensor = _to_template(array, key, template[key], problems, cast)
-            if tensor is not None:
-                produced[key] = tensor
+            converted = _to_template(array, key, template[key], problems, cast)
+            if converted is not None:
+                produced[key] = converted
     out = OrderedDict(
-        (key, produced[key] if key in produced else tensor.detach().clone())
-        for key, tensor in template.items()
+        (key, produced[key] if key in produced else as_numpy(value))
+        for key, value in template.items()
     )
     return problems.finish(out, strict, "the Flax variables")
 
@@ -223,27 +272,27 @@ def _refuse_without_template(rename: Rename | None, match_by_order: bool) -> Non
         )
 
 
-def _usable(state_dict: Mapping[str, Any], prefix: str | None = None) -> dict[str, str]:
-    """Checks that ``state_dict`` maps names to tensors; its usable names -> its keys."""
+def _usable(state_dict: StateDict, prefix: str | None = None) -> dict[str, str]:
+    """Checks that ``state_dict`` maps names to arrays; its usable names -> its keys."""
     if not isinstance(state_dict, Mapping):
-        hint = "; pass its .state_dict()" if isinstance(state_dict, torch.nn.Module) else ""
+        hint = "; pass its .state_dict()" if is_module(state_dict) else ""
         raise TypeError(
-            f"expected a state_dict (a mapping of names to tensors), got a "
+            f"expected a state_dict (a mapping of names to tensors or arrays), got a "
             f"{type(state_dict).__name__}{hint}"
         )
-    bad = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    bad = sorted(str(k) for k, v in state_dict.items() if not is_array(v))
     if bad:
         whole = {"net", "ema_net"} & set(bad)
         hint = f"; a whole checkpoint? pass checkpoint[{min(whole)!r}]" if whole else ""
         raise TypeError(
-            f"state_dict values must be tensors; {len(bad)} keys hold other values: "
+            f"state_dict values must be tensors or arrays; {len(bad)} keys hold other values: "
             f"{few([repr(n) for n in bad], most=5)}{hint}"
         )
     return usable_names(state_dict, prefix)
 
 
 def _unit_to_flax(
-    unit: Unit, tensors: list[torch.Tensor], keys: Sequence[str], problems: Problems, cast: bool
+    unit: Unit, tensors: list[Any], keys: Sequence[str], problems: Problems, cast: bool
 ) -> list[Any] | None:
     shapes = [tuple(leaf.value.shape) for leaf in unit.leaves]
     wanted = torch_shapes(unit.layout, shapes)
@@ -253,7 +302,7 @@ def _unit_to_flax(
         if tuple(t.shape) != w
     ]
     try:
-        arrays = [to_numpy(t) for t in tensors]
+        arrays = [as_numpy(t) for t in tensors]
     except TypeError as e:
         bad.append(f"{', '.join(keys)}: {e}")
         problems.dtypes += bad
@@ -280,10 +329,11 @@ def _to_jax(array: np.ndarray) -> Any:
     return np.array(array, order="C", copy=True)
 
 
-def _template_state_dict(torch_template: Any) -> Mapping[str, torch.Tensor]:
-    if isinstance(torch_template, torch.nn.Module):
+def _template_state_dict(torch_template: Any) -> StateDict:
+    if is_module(torch_template):
         return torch_template.state_dict()
     if isinstance(torch_template, Mapping):
+        _usable(torch_template)
         return torch_template
     raise TypeError(
         f"torch_template must be an nn.Module or its state_dict, got {type(torch_template)}"
@@ -291,26 +341,25 @@ def _template_state_dict(torch_template: Any) -> Mapping[str, torch.Tensor]:
 
 
 def _to_template(
-    array: np.ndarray, key: str, like: torch.Tensor, problems: Problems, cast: bool
-) -> torch.Tensor | None:
+    array: np.ndarray, key: str, like: Any, problems: Problems, cast: bool
+) -> np.ndarray | None:
     if array.shape != tuple(like.shape):
         problems.shapes.append(f"{key}: {array.shape} from Flax, {tuple(like.shape)} in template")
         return None
     want = numpy_dtype(like.dtype)
     if array.dtype != want and not cast:
         problems.dtypes.append(
-            f"{key}: {array.dtype} from Flax, {like.dtype} in the template "
-            "(pass cast=True to convert)"
+            f"{key}: {array.dtype} from Flax, {want} in the template (pass cast=True to convert)"
         )
         return None
-    return to_torch(array.astype(want, copy=False))
+    return array.astype(want, copy=False)
 
 
-def _default_state_dict(flat: Flat) -> OrderedDict[str, torch.Tensor]:
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+def _default_state_dict(flat: Flat) -> OrderedDict[str, np.ndarray]:
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
     for unit in units(flat.leaves):
         arrays = unit.layout.to_torch([np.asarray(leaf.value) for leaf in unit.leaves])
-        out.update(zip(unit.names, map(to_torch, arrays), strict=True))
+        out.update(zip(unit.names, map(as_numpy, arrays), strict=True))
         for name, (_, value) in zip(unit.torch_only, unit.layout.torch_only, strict=True):
-            out[name] = torch.tensor(value, dtype=torch.int64)
+            out[name] = np.array(value, np.int64)
     return out

@@ -1,105 +1,208 @@
-"""One dtype table for PyTorch tensors <-> numpy arrays, bit-exact both ways."""
+"""The one dtype table: numpy dtypes (the hub), their PyTorch twins and safetensors codes.
+
+Bits move exactly both ways. PyTorch's twins are looked up by name when PyTorch is there, so
+the table, and every safetensors path, works without it. Dtypes numpy holds through
+``ml_dtypes`` (bfloat16, float8) cross to PyTorch as a same-width integer, viewed.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+import jax
 import ml_dtypes
 import numpy as np
-import torch
 
-# torch dtype, numpy dtype, and the same-width integer pair used to move the bits when
-# torch's `.numpy()` cannot (bfloat16 has no numpy twin inside torch).
-_TABLE: tuple[tuple[torch.dtype, np.dtype, tuple[torch.dtype, np.dtype] | None], ...] = (
-    (torch.float32, np.dtype(np.float32), None),
-    (torch.float16, np.dtype(np.float16), None),
-    (torch.float64, np.dtype(np.float64), None),
-    (torch.bfloat16, np.dtype(ml_dtypes.bfloat16), (torch.int16, np.dtype(np.int16))),
-    (torch.int64, np.dtype(np.int64), None),
-    (torch.int32, np.dtype(np.int32), None),
-    (torch.int16, np.dtype(np.int16), None),
-    (torch.int8, np.dtype(np.int8), None),
-    (torch.uint8, np.dtype(np.uint8), None),
-    (torch.bool, np.dtype(np.bool_), None),
+from interop._torch import is_tensor, require
+
+if TYPE_CHECKING:
+    import torch
+
+# numpy dtype, PyTorch's twin (a ``torch`` attribute), the safetensors code (None: the format
+# has none), and whether the bits cross to PyTorch as a same-width integer.
+_TABLE: tuple[tuple[np.dtype, str, str | None, bool], ...] = (
+    (np.dtype(np.bool_), "bool", "BOOL", False),
+    (np.dtype(np.int8), "int8", "I8", False),
+    (np.dtype(np.int16), "int16", "I16", False),
+    (np.dtype(np.int32), "int32", "I32", False),
+    (np.dtype(np.int64), "int64", "I64", False),
+    (np.dtype(np.uint8), "uint8", "U8", False),
+    (np.dtype(np.uint16), "uint16", "U16", False),
+    (np.dtype(np.uint32), "uint32", "U32", False),
+    (np.dtype(np.uint64), "uint64", "U64", False),
+    (np.dtype(np.float16), "float16", "F16", False),
+    (np.dtype(ml_dtypes.bfloat16), "bfloat16", "BF16", True),
+    (np.dtype(np.float32), "float32", "F32", False),
+    (np.dtype(np.float64), "float64", "F64", False),
+    (np.dtype(ml_dtypes.float8_e4m3fn), "float8_e4m3fn", "F8_E4M3", True),
+    (np.dtype(ml_dtypes.float8_e5m2), "float8_e5m2", "F8_E5M2", True),
+    (np.dtype(ml_dtypes.float8_e4m3fnuz), "float8_e4m3fnuz", "F8_E4M3FNUZ", True),
+    (np.dtype(ml_dtypes.float8_e5m2fnuz), "float8_e5m2fnuz", "F8_E5M2FNUZ", True),
+    (np.dtype(ml_dtypes.float8_e8m0fnu), "float8_e8m0fnu", "F8_E8M0", True),
+    (np.dtype(np.complex64), "complex64", "C64", False),
+    (np.dtype(np.complex128), "complex128", None, False),
 )
-_BY_TORCH = {t: (n, via) for t, n, via in _TABLE}
-_BY_NUMPY = {n: (t, via) for t, n, via in _TABLE}
+_BY_NUMPY = {n: (name, viewed) for n, name, _, viewed in _TABLE}
+_BY_NAME = {name: n for n, name, _, _ in _TABLE}
+_BY_CODE = {code: n for n, _, code, _ in _TABLE if code is not None}
+_CODES = {n: code for n, _, code, _ in _TABLE}
 
 
-def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """Copies a tensor into a new numpy array with the same dtype and bits.
+def is_array(value: Any) -> bool:
+    """Whether a state_dict value holds numbers: a numpy or jax array, or a tensor.
 
     Args:
-      tensor: a dense tensor with data (detached and moved to the CPU first) of a dtype in the
-        table.
+      value: anything.
 
     Returns:
-      A new array; bfloat16 becomes ``ml_dtypes.bfloat16``.
+      True for an array or tensor.
+
+    Example:
+      >>> is_array(np.zeros(2)), is_array([0.0, 0.0])
+      (True, False)
+    """
+    return isinstance(value, np.ndarray | jax.Array) or is_tensor(value)
+
+
+def as_numpy(value: Any) -> np.ndarray:
+    """A numpy array with the bits of a tensor or array, sharing its memory where it can.
+
+    Args:
+      value: a dense tensor with data (detached and moved to the CPU first), or a numpy or
+        jax array, of a dtype in the table.
+
+    Returns:
+      A numpy array; bfloat16 and float8 tensors become ``ml_dtypes`` arrays. A CPU tensor's
+      array shares its memory: copy it before writing to it.
 
     Raises:
       TypeError: for a sparse or meta tensor (no dense data), or a dtype outside the table
         (quantized ones included), listing the allowed ones.
 
     Example:
-      >>> to_numpy(torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
+      >>> as_numpy(np.array([1.5, -2.0], dtype=ml_dtypes.bfloat16))
       array([1.5, -2], dtype=bfloat16)
     """
-    if tensor.layout != torch.strided or tensor.is_meta:
-        kind = "meta" if tensor.is_meta else str(tensor.layout).removeprefix("torch.")
+    if not is_tensor(value):
+        array = np.asarray(value)
+        numpy_dtype(array.dtype)
+        return array
+    if str(value.layout) != "torch.strided" or value.is_meta:
+        kind = "meta" if value.is_meta else str(value.layout).removeprefix("torch.")
         raise TypeError(f"a {kind} tensor has no dense data; allowed: dense tensors with data")
-    if tensor.dtype not in _BY_TORCH:
-        raise TypeError(f"unsupported tensor dtype {tensor.dtype}; allowed: {_allowed()}")
-    dtype, via = _BY_TORCH[tensor.dtype]
-    tensor = tensor.detach().cpu()
-    if via is None:
-        return np.array(tensor.numpy(), copy=True)
-    return np.array(tensor.view(via[0]).numpy(), copy=True).view(dtype)
+    dtype = numpy_dtype(value.dtype)
+    tensor = value.detach().cpu().resolve_conj().resolve_neg()
+    if not _BY_NUMPY[dtype][1]:
+        return tensor.numpy()
+    return tensor.view(_torch_dtype(_carrier(dtype))).numpy().view(dtype)
 
 
-def to_torch(array: np.ndarray) -> torch.Tensor:
-    """Copies an array (numpy or jax) into a new contiguous tensor with the same dtype and bits.
+def to_torch(array: Any, copy: bool = True) -> torch.Tensor:
+    """A CPU tensor with the bits of a numpy or jax array.
 
     Args:
       array: a numpy or jax array of a dtype in the table.
+      copy: make a contiguous tensor of its own; else share the array's memory and strides (to
+        write it to a file and drop it: PyTorch does not know the memory is read-only).
 
     Returns:
-      A new CPU tensor that shares no memory with ``array``.
+      A CPU tensor.
 
     Raises:
       TypeError: for a dtype outside the table, listing the allowed ones.
+      ImportError: when PyTorch is not installed.
 
     Example:
       >>> to_torch(np.array([1.5, -2.0], dtype=ml_dtypes.bfloat16))
       tensor([ 1.5000, -2.0000], dtype=torch.bfloat16)
     """
-    array = np.asarray(array)
-    if array.dtype not in _BY_NUMPY:
-        raise TypeError(f"unsupported array dtype {array.dtype}; allowed: {_allowed()}")
-    dtype, via = _BY_NUMPY[array.dtype]
-    array = np.array(array, order="C", copy=True)
-    if via is None:
-        return torch.from_numpy(array)
-    return torch.from_numpy(array.view(via[1])).view(dtype)
+    torch = require("making torch tensors")
+    source = np.asarray(array)
+    dtype = _torch_dtype(source.dtype)
+    bits = np.asarray(source, order="C") if copy else source
+    if _BY_NUMPY[bits.dtype][1]:
+        bits = bits.view(_carrier(bits.dtype))
+    tensor = torch.from_dlpack(bits).view(dtype)
+    return tensor.clone() if copy and np.may_share_memory(bits, source) else tensor
 
 
-def numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    """The numpy dtype that holds a torch dtype's values exactly.
+def _carrier(dtype: np.dtype) -> np.dtype:
+    """The integer dtype of the same width that moves an ``ml_dtypes`` dtype's bits."""
+    return np.dtype(np.uint8 if dtype.itemsize == 1 else np.int16)
+
+
+def numpy_dtype(dtype: Any) -> np.dtype:
+    """The numpy dtype that holds a PyTorch or numpy dtype's values exactly, checked to be in
+    the table.
 
     Args:
-      dtype: a torch dtype in the table.
+      dtype: a PyTorch dtype, or anything ``np.dtype`` takes.
 
     Returns:
-      Its numpy twin.
+      The numpy dtype.
 
     Raises:
       TypeError: for a dtype outside the table, listing the allowed ones.
 
     Example:
-      >>> numpy_dtype(torch.bfloat16)
-      dtype(bfloat16)
+      >>> numpy_dtype("float32"), numpy_dtype(np.dtype(ml_dtypes.bfloat16))
+      (dtype('float32'), dtype(bfloat16))
     """
-    if dtype not in _BY_TORCH:
-        raise TypeError(f"unsupported tensor dtype {dtype}; allowed: {_allowed()}")
-    return _BY_TORCH[dtype][0]
+    if str(dtype).startswith("torch."):
+        name = str(dtype).removeprefix("torch.")
+        if name not in _BY_NAME:
+            raise TypeError(f"unsupported tensor dtype {dtype}; allowed: {_allowed()}")
+        return _BY_NAME[name]
+    dtype = np.dtype(dtype)
+    if dtype not in _BY_NUMPY:
+        raise TypeError(f"unsupported array dtype {dtype}; allowed: {_allowed()}")
+    return dtype
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """PyTorch's twin of a numpy dtype in the table."""
+    return getattr(require("making torch tensors"), _BY_NUMPY[numpy_dtype(dtype)][0])
+
+
+def safetensors_code(dtype: np.dtype) -> str | None:
+    """How a safetensors header names a dtype.
+
+    Args:
+      dtype: a numpy dtype in the table.
+
+    Returns:
+      Its code, e.g. ``"BF16"``, or None when the format has none (complex128).
+
+    Raises:
+      TypeError: for a dtype outside the table, listing the allowed ones.
+
+    Example:
+      >>> safetensors_code(np.dtype(ml_dtypes.bfloat16)), safetensors_code(np.dtype("complex128"))
+      ('BF16', None)
+    """
+    return _CODES[numpy_dtype(dtype)]
+
+
+def from_safetensors_code(code: str) -> np.dtype:
+    """The numpy dtype of a safetensors header's dtype code.
+
+    Args:
+      code: e.g. ``"F32"`` or ``"F8_E4M3"``.
+
+    Returns:
+      The numpy dtype.
+
+    Raises:
+      TypeError: for a code outside the table (e.g. ``"F4"``), listing the allowed ones.
+
+    Example:
+      >>> from_safetensors_code("F8_E4M3")
+      dtype(float8_e4m3fn)
+    """
+    if code not in _BY_CODE:
+        raise TypeError(f"unsupported safetensors dtype {code}; allowed: {', '.join(_BY_CODE)}")
+    return _BY_CODE[code]
 
 
 def _allowed() -> str:
-    return ", ".join(str(t).removeprefix("torch.") for t, _, _ in _TABLE)
+    return ", ".join(name for _, name, _, _ in _TABLE)

@@ -1,132 +1,138 @@
-"""Bytes on disk: reading ``torch.save`` and safetensors files safely, writing them atomically."""
+"""Bytes on disk: writing files atomically, and safetensors files read and written as numpy
+arrays (no PyTorch needed)."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
-import io
+import json
 import os
-import pickle
 import re
 import secrets
 import stat
-import sys
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any
 
+import numpy as np
 import safetensors
-import safetensors.torch
-import torch
+import safetensors.numpy
+
+from interop._dtypes import from_safetensors_code, safetensors_code
 
 
-def read_file(path: str | os.PathLike[str]) -> tuple[Any, dict[str, str] | None]:
-    """Reads a ``torch.save`` or safetensors file the safe way.
-
-    ``torch.save`` files load with ``weights_only=True`` (zip files memory-mapped).
+def is_safetensors(path: str | os.PathLike[str]) -> bool:
+    """Whether a file is a safetensors file, told by content (its header opens with ``{``).
 
     Args:
-      path: a ``torch.save`` file or a safetensors file (told apart by content, not name).
+      path: a file.
 
     Returns:
-      What a ``torch.save`` file holds and None, or a safetensors file's tensors by key and its
-      metadata.
+      True for a safetensors file; False for anything else (a ``torch.save`` file).
 
     Raises:
       OSError: when the file cannot be opened.
-      ValueError: naming the file when it is truncated, not a checkpoint, or needs globals that
-        safe loading refuses (listing them, and how to allow exactly those).
 
     Example:
       >>> import tempfile
       >>> with tempfile.TemporaryDirectory() as folder:
-      ...     path = os.path.join(folder, "ckpt.pth")
-      ...     torch.save({"net": {"fc.bias": torch.zeros(2)}, "epoch": 3}, path)
-      ...     read_file(path)
-      ({'net': {'fc.bias': tensor([0., 0.])}, 'epoch': 3}, None)
+      ...     path = os.path.join(folder, "ckpt.bin")
+      ...     save_safetensors(path, {"w": np.ones(2, np.float32)}, {})
+      ...     is_safetensors(path)
+      True
     """
-    path = os.fspath(path)
     with open(path, "rb") as f:
         head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{":
-        return _read_safetensors(path)
-    try:
-        content = torch.load(
-            path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK\x03\x04")
-        )
-    except pickle.UnpicklingError as e:
-        needed = _unsafe_globals(path, str(e)) if "GLOBAL " in str(e) else []
-        if not needed:
-            raise _unreadable(path, f"corrupt or not written by torch.save: {_first(e)}") from e
-        names = ", ".join(needed)
-        dtypes = (
-            " plus the class of each numpy dtype it stores (numpy.dtypes.Float32DType, ...)"
-            if "numpy.dtype" in needed
-            else ""
-        )
-        raise ValueError(
-            f"{path} needs globals that safe loading refuses: {names}. If you trust this file, "
-            f"allow exactly those{dtypes}: `with torch.serialization.safe_globals([{names}]): ...`"
-        ) from e
-    except OSError as e:
-        unreadable = _unreadable(path, f"truncated, or not written by torch.save: {_first(e)}")
-        raise _io_failure(path, e) or unreadable from e
-    except Exception as e:  # a corrupt pickle fails in any of the unpickler's steps
-        raise _unreadable(path, f"truncated, or not written by torch.save: {_first(e)}") from e
-    return content, None
+    return len(head) == 9 and head[8:9] == b"{"
 
 
-def _unreadable(path: str, reason: str) -> ValueError:
-    return ValueError(f"{path} is not a readable PyTorch checkpoint ({reason})")
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Reads a safetensors file's arrays, memory-mapped, and its metadata.
 
+    The ``safetensors`` package checks the header first (offsets, sizes, dtypes); the arrays
+    are then read-only views of the mapped file, so nothing is read until it is used.
 
-def _io_failure(path: str, e: OSError) -> OSError | None:
-    """A real I/O failure as an ``OSError`` naming ``path``; None for damaged content, which
-    readers report as ``EINVAL`` or without an errno."""
-    if e.errno in (None, errno.EINVAL):
-        return None
-    return OSError(e.errno, f"{e.strerror} while reading a checkpoint", path)
+    Args:
+      path: a safetensors file.
 
+    Returns:
+      Its arrays by key (bfloat16 and float8 as ``ml_dtypes`` arrays), and its metadata.
 
-def _first(e: Exception) -> str:
-    """What went wrong, in one line of at most 200 characters: the unpickler's own words when
-    ``torch.load`` wraps them, else the first line of the message, or the exception's type."""
-    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
-    line = found.group(1) if found else str(e).strip().split("\n", 1)[0]
-    return line[:200] or type(e).__name__
+    Raises:
+      OSError: naming the file when it cannot be read.
+      ValueError: naming the file when it is not a valid safetensors file.
 
-
-def _unsafe_globals(path: str, message: str) -> list[str]:
-    """All of them for zip files; the legacy format only tells the first refused one.
-
-    Empty when a name cannot be a global (a damaged pickle): not a dotted name, or naming
-    something a module already imported lacks (``torch._utils._rebu`` of a truncated file).
+    Example:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as folder:
+      ...     path = os.path.join(folder, "ckpt.safetensors")
+      ...     save_safetensors(path, {"w": np.ones(2, np.float32)}, {"epoch": "1"})
+      ...     read_safetensors(path)
+      ({'w': array([1., 1.], dtype=float32)}, {'epoch': '1'})
     """
+    path = os.fspath(path)
     try:
-        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # legacy or damaged files: the one the message names
-        names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", message)))
-    return names if all(map(_could_exist, names)) else []
-
-
-def _could_exist(name: str) -> bool:
-    module, _, attr = name.rpartition(".")
-    loaded = sys.modules.get(module)
-    return all(p.isidentifier() for p in name.split(".")) and (
-        loaded is None or hasattr(loaded, attr)
-    )
-
-
-def _read_safetensors(path: str) -> tuple[dict[str, Any], dict[str, str]]:
-    try:
-        with safetensors.safe_open(path, framework="pt") as f:
-            flat = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-            return flat, f.metadata() or {}
+        with safetensors.safe_open(path, framework="np") as f:
+            keys, metadata = list(f.keys()), f.metadata() or {}  # noqa: SIM118
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            data_size = os.fstat(f.fileno()).st_size - 8 - size
+        mapped = np.memmap(path, np.uint8, mode="r", offset=8 + size) if data_size else None
+        data = np.empty(0, np.uint8) if mapped is None else np.asarray(mapped)
+        arrays = {}
+        for key in keys:
+            begin, end = header[key]["data_offsets"]
+            dtype = from_safetensors_code(header[key]["dtype"])
+            arrays[key] = data[begin:end].view(dtype).reshape(header[key]["shape"])
+        return arrays, metadata
     except OSError as e:
-        unreadable = ValueError(f"{path} is not a readable safetensors file: {_first(e)}")
-        raise _io_failure(path, e) or unreadable from e
-    except Exception as e:  # SafetensorError, and what a damaged header makes torch raise
-        raise ValueError(f"{path} is not a readable safetensors file: {_first(e)}") from e
+        unreadable = ValueError(f"{path} is not a readable safetensors file: {first_line(e)}")
+        raise io_failure(path, e) or unreadable from e
+    except Exception as e:  # SafetensorError, and dtypes outside the table
+        raise ValueError(f"{path} is not a readable safetensors file: {first_line(e)}") from e
+
+
+def save_safetensors(
+    path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]
+) -> None:
+    """Writes arrays and string metadata as a safetensors file, atomically (``write_atomic``).
+
+    Args:
+      path: the file to write.
+      arrays: keys -> numpy arrays of dtypes in the table.
+      metadata: strings -> strings, stored in the file's header.
+
+    Raises:
+      TypeError: naming the first key whose dtype the format cannot hold (complex128), before
+        anything is written.
+      OSError: when the file cannot be written; ``path`` is then untouched.
+
+    Example:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as folder:
+      ...     path = os.path.join(folder, "ckpt.safetensors")
+      ...     save_safetensors(path, {"w": np.ones(2, np.float32)}, {"epoch": "1"})
+      ...     os.path.getsize(path)
+      104
+    """
+    for key, array in arrays.items():
+        if safetensors_code(array.dtype) is None:
+            raise TypeError(
+                f"{key!r} is {array.dtype}, which a safetensors file cannot hold; save it to a "
+                ".pth file (torch.save) instead"
+            )
+    contiguous = {key: np.asarray(array, order="C") for key, array in arrays.items()}
+    write_atomic(path, lambda temp: _save_file(contiguous, temp, dict(metadata)))
+
+
+def _save_file(arrays: dict[str, np.ndarray], temp: str, metadata: dict[str, str]) -> None:
+    """``safetensors.numpy.save_file``, its I/O failures raised as the OSError they are."""
+    try:
+        safetensors.numpy.save_file(arrays, temp, metadata=metadata)
+    except safetensors.SafetensorError as e:
+        if "I/O error" not in str(e):
+            raise
+        code = re.search(r"os error (\d+)", str(e))
+        raise OSError(int(code.group(1)) if code else errno.EIO, first_line(e)) from e
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
@@ -220,98 +226,40 @@ def _fsync(path: str, flags: int) -> None:
         os.close(fd)
 
 
-def save_torch(path: str | os.PathLike[str], checkpoint: dict[str, Any]) -> None:
-    """Writes ``checkpoint`` with ``torch.save``, atomically (see ``write_atomic``).
-
-    Each entry is first checked to load back with ``torch.load(weights_only=True)`` (its
-    tensors stood in for by empty ones, so the check costs little), so nothing is written when
-    one would not.
+def first_line(e: BaseException) -> str:
+    """What went wrong, in one line of at most 200 characters.
 
     Args:
-      path: the file to write.
-      checkpoint: what ``torch.save`` should store.
+      e: an exception.
 
-    Raises:
-      TypeError: naming the first entry that would not load back, and what it needs.
-      OSError: when the file cannot be written; ``path`` is then untouched.
+    Returns:
+      The unpickler's own words when ``torch.load`` wraps them, else the first line of the
+      message, or the exception's type.
 
     Example:
-      >>> import tempfile
-      >>> with tempfile.TemporaryDirectory() as folder:
-      ...     path = os.path.join(folder, "ckpt.pth")
-      ...     save_torch(path, {"net": {"w": torch.ones(2)}, "epoch": 1})
-      ...     torch.load(path, weights_only=True)["epoch"]
-      1
+      >>> first_line(ValueError("bad header\\nmore"))
+      'bad header'
     """
-    for key, value in checkpoint.items():
-        buffer = io.BytesIO()
-        try:
-            torch.save(_without_data(value), buffer)
-            buffer.seek(0)
-            torch.load(buffer, weights_only=True)
-        except Exception as e:  # pickling or safe loading refused it
-            raise TypeError(
-                f"entry {key!r} would not load back with torch.load(weights_only=True) "
-                f"({_first(e)}); store numbers, strings, lists, dicts and tensors instead"
-            ) from e
-    write_atomic(path, lambda temp: _torch_save(checkpoint, temp))
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+    line = found.group(1) if found else str(e).strip().split("\n", 1)[0]
+    return line[:200] or type(e).__name__
 
 
-def _torch_save(checkpoint: dict[str, Any], temp: str) -> None:
-    """``torch.save``, its zip writer's failures (a full disk) raised as the OSError they are.
-
-    The entries were already pickled in memory by ``save_torch``, so a RuntimeError here comes
-    from writing the file (torch reports short writes as e.g. ``unexpected pos 832 vs 726``).
-    """
-    try:
-        torch.save(checkpoint, temp)
-    except RuntimeError as e:
-        raise OSError(errno.EIO, f"torch.save could not write the file ({_first(e)})") from e
-
-
-def _safetensors_save(
-    tensors: dict[str, torch.Tensor], temp: str, metadata: dict[str, str]
-) -> None:
-    """``safetensors.torch.save_file``, its I/O failures raised as the OSError they are."""
-    try:
-        safetensors.torch.save_file(tensors, temp, metadata=metadata)
-    except safetensors.SafetensorError as e:
-        if "I/O error" not in str(e):
-            raise
-        code = re.search(r"os error (\d+)", str(e))
-        raise OSError(int(code.group(1)) if code else errno.EIO, _first(e)) from e
-
-
-def _without_data(value: Any) -> Any:
-    """``value`` with each plain tensor in its dicts, lists and tuples made empty."""
-    if type(value) in (torch.Tensor, torch.nn.Parameter) and not value.is_quantized:
-        return torch.empty(0, dtype=value.dtype)
-    if type(value) in (dict, OrderedDict):
-        return type(value)((k, _without_data(v)) for k, v in value.items())
-    if type(value) in (list, tuple):
-        return type(value)(map(_without_data, value))
-    return value
-
-
-def save_safetensors(
-    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]
-) -> None:
-    """Writes tensors and string metadata as a safetensors file, atomically.
+def io_failure(path: str, e: OSError) -> OSError | None:
+    """A real I/O failure as an ``OSError`` naming ``path``.
 
     Args:
-      path: the file to write.
-      tensors: keys -> tensors.
-      metadata: strings -> strings, stored in the file's header.
+      path: the file being read.
+      e: what reading it raised.
 
-    Raises:
-      OSError: when the file cannot be written; ``path`` is then untouched.
+    Returns:
+      The error to raise, or None for damaged content, which readers report as ``EINVAL`` or
+      without an errno.
 
     Example:
-      >>> import tempfile
-      >>> with tempfile.TemporaryDirectory() as folder:
-      ...     path = os.path.join(folder, "ckpt.safetensors")
-      ...     save_safetensors(path, {"w": torch.ones(2)}, {"epoch": "1"})
-      ...     read_file(path)
-      ({'w': tensor([1., 1.])}, {'epoch': '1'})
+      >>> io_failure("ckpt.pth", OSError(errno.EIO, "Input/output error"))
+      OSError(5, 'Input/output error while reading a checkpoint')
     """
-    write_atomic(path, lambda temp: _safetensors_save(dict(tensors), temp, metadata))
+    if e.errno in (None, errno.EINVAL):
+        return None
+    return OSError(e.errno, f"{e.strerror} while reading a checkpoint", path)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
 
-from interop._dtypes import to_numpy
+from interop._dtypes import as_numpy, is_array
 from interop._report import few
 from interop._schema import BARE, read_checkpoint, sections
 
@@ -20,7 +20,8 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
     for files with both ``net`` and ``ema_net`` their relative distance per layer, followed by
     ``not compared (...)`` lines naming keys missing on one side or of different shapes.
 
-    The file is read as ``load_checkpoint`` reads it (``weights_only=True``).
+    The file is read as ``load_checkpoint`` reads it (``weights_only=True``); a safetensors
+    file needs no PyTorch.
 
     Args:
       path: a ``.pth``/``.pt`` or ``.safetensors`` file.
@@ -29,14 +30,16 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
       The report, one item per line.
 
     Raises:
+      ImportError: for a ``torch.save`` file when PyTorch is not installed.
       OSError: when the file cannot be opened.
       ValueError: naming the file when it is unreadable, unsafe or not a dict, or a section
         does not map names to tensors.
 
     Example:
       >>> import os, tempfile
-      >>> path = os.path.join(tempfile.mkdtemp(), "sd.pth")
-      >>> torch.save({"fc.weight": torch.ones(3, 2)}, path)
+      >>> from interop._files import save_safetensors
+      >>> path = os.path.join(tempfile.mkdtemp(), "sd.safetensors")
+      >>> save_safetensors(path, {"fc.weight": np.ones((3, 2), np.float32)}, {})
       >>> print(inspect_checkpoint(path).splitlines()[1])
       state_dict: 1 tensors, 6 parameters, dtypes float32 x1
     """
@@ -58,17 +61,22 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
 
 
 def _summary(state_dict: Mapping[str, Any]) -> str:
-    tensors = [t for t in state_dict.values() if isinstance(t, torch.Tensor)]
-    dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors)
+    tensors = [t for t in state_dict.values() if is_array(t)]
+    dtypes = Counter(_dtype_name(t) for t in tensors)
     kinds = ", ".join(f"{d} x{n}" for d, n in sorted(dtypes.items()))
-    total = sum(t.numel() for t in tensors)
+    total = sum(math.prod(t.shape) for t in tensors)
     return f"{len(tensors)} tensors, {total:,} parameters, dtypes {kinds or '-'}"
+
+
+def _dtype_name(array: Any) -> str:
+    """``float32``, ``bfloat16``, ... alike for tensors and numpy arrays."""
+    return str(array.dtype).removeprefix("torch.")
 
 
 def _describe(value: Any) -> str:
     if isinstance(value, int | float | str | bool) or value is None:
         return repr(value)[:80]
-    if isinstance(value, torch.Tensor):
+    if is_array(value):
         return f"tensor {tuple(value.shape)} {value.dtype}"
     if isinstance(value, Mapping):
         return f"dict with {len(value)} keys"
@@ -80,17 +88,17 @@ def _distances(net: Mapping[str, Any], ema: Mapping[str, Any]) -> list[str]:
     layers: dict[str, list[float]] = {}
     missing, extra, shapes, unreadable = [], [k for k in ema if k not in net], [], []
     for key, tensor in net.items():
-        other = ema.get(key)
-        if not isinstance(other, torch.Tensor):
+        if not is_array(ema.get(key)):
             missing.append(key)
             continue
+        other = ema[key]
         if other.shape != tensor.shape:
             shapes.append(f"{key} (net {tuple(tensor.shape)}, ema_net {tuple(other.shape)})")
             continue
-        if not tensor.is_floating_point():
+        if not _dtype_name(tensor).startswith(("float", "bfloat")):
             continue
         try:
-            a, b = to_numpy(tensor).astype(np.float64), to_numpy(other).astype(np.float64)
+            a, b = as_numpy(tensor).astype(np.float64), as_numpy(other).astype(np.float64)
         except TypeError as e:
             unreadable.append(f"{key} ({e})".partition(";")[0] + ")")
             continue

@@ -59,7 +59,7 @@ def _attention(bias: bool) -> Layout:
     parts = ("query", "key", "value", "out")
     leaves = ("kernel", "bias") if bias else ("kernel",)
     flax = tuple((p, leaf) for p in parts for leaf in leaves)
-    torch = ("in_proj_weight", "in_proj_bias") if bias else ("in_proj_weight",)
+    torch: tuple[str, ...] = ("in_proj_weight", "in_proj_bias") if bias else ("in_proj_weight",)
     torch += ("out_proj.weight", "out_proj.bias") if bias else ("out_proj.weight",)
 
     def to_torch(arrays: Arrays) -> list[np.ndarray]:
@@ -78,12 +78,12 @@ def _attention(bias: bool) -> Layout:
         by = dict(zip(torch, arrays, strict=True))
         want = dict(zip(flax, shapes, strict=True))
         qkv = np.split(by["in_proj_weight"], 3)
-        b = np.split(by["in_proj_bias"], 3) if bias else [None] * 3
+        b = np.split(by["in_proj_bias"], 3) if bias else []
         out: list[np.ndarray] = []
-        for p, w, bp in zip(parts[:3], qkv, b, strict=True):
+        for i, (p, w) in enumerate(zip(parts[:3], qkv, strict=True)):
             out.append(w.T.reshape(want[p, "kernel"]))
             if bias:
-                out.append(bp.reshape(want[p, "bias"]))
+                out.append(b[i].reshape(want[p, "bias"]))
         out.append(by["out_proj.weight"].T.reshape(want["out", "kernel"]))
         if bias:
             out.append(by["out_proj.bias"])

@@ -63,8 +63,8 @@ def units(leaves: Sequence[Leaf]) -> list[Unit]:
             found = _module_leaves(layout, parent, by_module)
             if found is not None:
                 first = min(found, key=lambda leaf: position[id(leaf)])
-                unit = _unit(layout, parent, found)
-                taken.update({id(leaf): unit if leaf is first else None for leaf in found})
+                module_unit = _unit(layout, parent, found)
+                taken.update({id(leaf): module_unit if leaf is first else None for leaf in found})
     out = []
     for leaf in ordered:
         if id(leaf) not in taken:
@@ -135,10 +135,10 @@ def match(
     pairs = {n: k for n, k in normal.items() if n in wanted}
     used = set(pairs.values())
     for name in expected:
-        key = normal.get(".".join(map(str, without_sequential_lists(tuple(name.split("."))))))
-        if name not in pairs and key is not None and key not in used:
-            pairs[name] = key
-            used.add(key)
+        found = normal.get(".".join(map(str, without_sequential_lists(tuple(name.split("."))))))
+        if name not in pairs and found is not None and found not in used:
+            pairs[name] = found
+            used.add(found)
     if rules:
         used = set(pairs.values())
         for key in available:

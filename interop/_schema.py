@@ -7,10 +7,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+import numpy as np
 
-from interop._files import read_file
+from interop._dtypes import is_array
+from interop._files import is_safetensors, read_safetensors
 from interop._names import all_under
+from interop._pth import read_pth
 from interop._report import few
 
 SECTIONS = ("net", "ema_net")
@@ -19,13 +21,16 @@ MARKER = "jema.sections"  # safetensors metadata: the sections ``to_safetensors`
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:
-    """Reads a checkpoint file the safe way (see ``read_file``), as SuperGradients lays it out.
+    """Reads a checkpoint file the safe way, as SuperGradients lays it out.
 
     A safetensors file becomes sections (``{"net": {...}, "ema_net": {...}}``, keys without
     their ``<section>.``) when its metadata has the ``jema.sections`` marker ``save_checkpoint``
     writes (e.g. ``"net,ema_net"``), or when every key starts with ``net.`` or ``ema_net.`` and
     both occur; any other safetensors file, e.g. one whose keys all start with ``net.`` and no
     marker (a model whose only child is ``self.net``), is a bare state_dict.
+
+    A ``torch.save`` file is read with ``weights_only=True`` (``read_pth``, which needs
+    PyTorch); a safetensors file as numpy arrays (``read_safetensors``, which does not).
 
     Args:
       path: a ``torch.save`` file or a safetensors file (told apart by content, not name).
@@ -34,21 +39,23 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
       What the file holds: usually a dict of sections and other entries, or a state_dict.
 
     Raises:
+      ImportError: for a ``torch.save`` file when PyTorch is not installed.
       OSError: when the file cannot be opened.
       ValueError: naming the file when it is unreadable, unsafe, or its marker lists sections
         other than ``net`` and ``ema_net``.
 
     Example:
       >>> import tempfile
+      >>> from interop._files import save_safetensors
       >>> with tempfile.TemporaryDirectory() as folder:
-      ...     path = os.path.join(folder, "ckpt.pth")
-      ...     torch.save({"net": {"fc.bias": torch.zeros(2)}, "epoch": 3}, path)
-      ...     read_checkpoint(path)["epoch"]
-      3
+      ...     path = os.path.join(folder, "ckpt.safetensors")
+      ...     save_safetensors(path, {"net.w": np.ones(1, np.float32)}, {MARKER: "net"})
+      ...     read_checkpoint(path)
+      {'net': {'w': array([1.], dtype=float32)}}
     """
-    content, metadata = read_file(path)
-    if metadata is None:
-        return content
+    if not is_safetensors(path):
+        return read_pth(path)
+    content, metadata = read_safetensors(path)
     heads = [key.partition(".") for key in content]
     if MARKER in metadata:
         listed = [s for s in metadata[MARKER].split(",") if s]
@@ -73,8 +80,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
 
 
 def to_safetensors(
-    sections: Mapping[str, Mapping[str, torch.Tensor]], metadata: Mapping[str, str]
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    sections: Mapping[str, Mapping[str, np.ndarray]], metadata: Mapping[str, str]
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Sections as one flat safetensors dict, and the metadata with the section marker.
 
     The marker ``{"jema.sections": "net,ema_net"}`` (the sections written) lets
@@ -85,15 +92,15 @@ def to_safetensors(
       metadata: strings -> strings.
 
     Returns:
-      ``<section>.<key>`` -> tensor, and the metadata with the marker.
+      ``<section>.<key>`` -> array, and the metadata with the marker.
 
     Raises:
       ValueError: when ``sections`` names something other than ``net``/``ema_net``, or
         ``metadata`` has the key ``jema.sections``.
 
     Example:
-      >>> to_safetensors({"net": {"w": torch.ones(1)}}, {"epoch": "1"})
-      ({'net.w': tensor([1.])}, {'epoch': '1', 'jema.sections': 'net'})
+      >>> to_safetensors({"net": {"w": np.ones(1)}}, {"epoch": "1"})
+      ({'net.w': array([1.])}, {'epoch': '1', 'jema.sections': 'net'})
     """
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
@@ -107,7 +114,7 @@ def to_safetensors(
 def sections(
     checkpoint: Mapping[str, Any], path: str | os.PathLike[str]
 ) -> dict[str, Mapping[str, Any]]:
-    """The state_dicts a checkpoint dict holds, by name, each checked to map names to tensors.
+    """The state_dicts a checkpoint dict holds, by name, each checked to map names to arrays.
 
     Args:
       checkpoint: a dict read by ``read_checkpoint``.
@@ -115,33 +122,34 @@ def sections(
 
     Returns:
       The ``net`` and ``ema_net`` entries that are dicts, or ``{BARE: checkpoint}`` when there
-      are none and every value is a tensor (a bare state_dict), else ``{}``.
+      are none and every value is an array or tensor (a bare state_dict), else ``{}``.
 
     Raises:
       ValueError: naming the file, the section and its first bad keys, when a section has a key
-        that is not a string or a value that is not a tensor.
+        that is not a string or a value that is not an array or tensor.
 
     Example:
       >>> list(sections({"net": {}, "ema_net": {}, "epoch": 3}, "ckpt.pth"))
       ['net', 'ema_net']
-      >>> list(sections({"net": torch.ones(2), "head.bias": torch.ones(2)}, "ckpt.pth"))
+      >>> list(sections({"net": np.ones(2), "head.bias": np.ones(2)}, "ckpt.pth"))
       ['state_dict']
       >>> sections({"net": {"fc.bias": 3}}, "ckpt.pth")
       Traceback (most recent call last):
-      ValueError: ckpt.pth: 'net' must map str names to tensors; got 'fc.bias': int
+      ValueError: ckpt.pth: 'net' must map str names to arrays or tensors; got 'fc.bias': int
     """
     found = {s: checkpoint[s] for s in SECTIONS if isinstance(checkpoint.get(s), Mapping)}
-    if not found and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+    if not found and checkpoint and all(map(is_array, checkpoint.values())):
         found = {BARE: checkpoint}
     for name, state_dict in found.items():
         bad = [
             f"{k!r}: {type(v).__name__}" if isinstance(k, str) else f"key {k!r}: {type(k).__name__}"
             for k, v in state_dict.items()
-            if not (isinstance(k, str) and isinstance(v, torch.Tensor))
+            if not (isinstance(k, str) and is_array(v))
         ]
         if bad:
             raise ValueError(
-                f"{os.fspath(path)}: {name!r} must map str names to tensors; got {few(bad, most=3)}"
+                f"{os.fspath(path)}: {name!r} must map str names to arrays or tensors; got "
+                f"{few(bad, most=3)}"
             )
     return found
 
@@ -163,9 +171,9 @@ def pick_section(checkpoint: Any, which: str, path: str | os.PathLike[str]) -> M
         file lacks (listing the keys it has).
 
     Example:
-      >>> ckpt = {"net": {"w": torch.zeros(1)}, "ema_net": {"w": torch.ones(1)}}
+      >>> ckpt = {"net": {"w": np.zeros(1)}, "ema_net": {"w": np.ones(1)}}
       >>> pick_section(ckpt, "auto", "ckpt.pth")
-      {'w': tensor([1.])}
+      {'w': array([1.])}
     """
     if which not in ("auto", *SECTIONS):
         raise ValueError(f"which must be 'auto', 'net' or 'ema_net'; got {which!r}")
@@ -196,7 +204,7 @@ def flat_section_hint(checkpoint: Any, state_dict: Mapping[str, Any]) -> str:
       The hint to add to an error (starting with ``"; "``), or ``""``.
 
     Example:
-      >>> sd = {"net.fc.bias": torch.zeros(1)}
+      >>> sd = {"net.fc.bias": np.zeros(1)}
       >>> flat_section_hint(sd, sd).startswith("; every key starts with 'net.'")
       True
     """

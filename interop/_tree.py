@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax
 from flax import nnx, traverse_util
@@ -112,7 +112,9 @@ def _flatten_linen(variables: Mapping) -> Flat:
 def _sequentials(module: nnx.Module) -> frozenset[Path]:
     """The paths of the ``nnx.Sequential`` modules in ``module``, the root being ``()``."""
     return frozenset(
-        tuple(path) for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Sequential)
+        cast(Path, tuple(path))
+        for path, node in nnx.iter_graph(module)
+        if isinstance(node, nnx.Sequential)
     )
 
 
@@ -124,7 +126,7 @@ def _flatten_nnx(state: nnx.State, sequentials: frozenset[Path]) -> Flat:
         path = tuple(_part(k) for k in keys if not isinstance(k, jax.tree_util.GetAttrKey))
         module = without_sequential_lists(path, sequentials.__contains__)[:-1]
         leaves.append(Leaf(path, module, value))
-    return Flat(leaves, treedef.unflatten, False)
+    return Flat(leaves, lambda values: jax.tree_util.tree_unflatten(treedef, values), False)
 
 
 def _part(key: Any) -> str | int:

@@ -18,7 +18,7 @@ from hypothesis.extra.numpy import array_shapes, arrays
 
 import interop
 from interop._checkpoint import _plain
-from interop._dtypes import to_numpy, to_torch
+from interop._dtypes import as_numpy, to_torch
 from interop._layouts import LEAVES, MODULES, torch_shapes
 from interop._match import match
 from interop._names import apply_rename, compile_rename, dotted, normalise, usable_names
@@ -65,7 +65,7 @@ def test_attention_layout_round_trip(heads, head_dim, bias, seed) -> None:
 def test_dtype_table_is_bit_exact_both_ways(shape, dtype, seed) -> None:
     array = _bits(np.random.default_rng(seed), shape, dtype)
     tensor = to_torch(array)
-    back = to_numpy(tensor)
+    back = as_numpy(tensor)
     assert back.dtype == array.dtype and back.tobytes() == array.tobytes()
     assert not np.shares_memory(back, array)
 
@@ -229,7 +229,7 @@ def _check_plain(value, listed, tensors) -> None:
         array = np.asarray(value)
         assert listed == array.tolist()
         assert isinstance(tensors, torch.Tensor)
-        back = to_numpy(tensors)
+        back = as_numpy(tensors)
         assert back.dtype == array.dtype and back.tobytes() == array.tobytes()
     elif isinstance(value, np.generic | np.ndarray | jax.Array):
         item = np.asarray(value).item()

@@ -1,0 +1,89 @@
+"""interop without PyTorch: ``import interop`` leaves it unimported, safetensors files load, save
+and inspect with numpy alone, and what needs it says how to install it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+# Run before anything else in the child: every ``import torch`` fails as if it were absent.
+NO_TORCH = """
+import sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoTorch())
+"""
+
+CHECKS = """
+import ml_dtypes, numpy as np, jax.numpy as jnp
+import interop
+
+rng = np.random.default_rng(0)
+net = {"params": {
+    "conv": {"kernel": rng.standard_normal((3, 3, 2, 4)).astype(ml_dtypes.bfloat16),
+             "bias": rng.standard_normal(4).astype(np.float32)},
+    "fc": {"kernel": jnp.asarray(rng.standard_normal((4, 5)), jnp.float32),
+           "bias": np.arange(5, dtype=np.int32)},
+}}
+ema = {"params": {**net["params"], "fc": {**net["params"]["fc"], "bias": np.ones(5, np.int32)}}}
+interop.save_checkpoint(SAFE, net=net, ema_net=ema, epoch=3)
+
+def same(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    return got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes()
+
+for which, want in (("net", net), ("ema_net", ema)):
+    back = interop.load_checkpoint(SAFE, net, which=which)
+    for module in ("conv", "fc"):
+        for leaf in ("kernel", "bias"):
+            got = back["params"][module][leaf]
+            assert same(got, want["params"][module][leaf]), (which, module, leaf)
+report = interop.inspect_checkpoint(SAFE).splitlines()
+assert report[1] == "net: 4 tensors, 101 parameters, dtypes bfloat16 x1, float32 x2, int32 x1"
+assert report[3].startswith("relative distance"), report
+
+state_dict = {"fc.weight": np.ones((5, 4), np.float32), "fc.bias": np.zeros(5, np.int32)}
+filled = interop.torch_to_flax(state_dict, {"params": {"fc": net["params"]["fc"]}})
+assert same(filled["params"]["fc"]["kernel"], np.ones((4, 5), np.float32))
+
+def refused(action, *names):
+    try:
+        action()
+    except ImportError as e:
+        assert 'pip install "jema[torch]"' in str(e) and all(n in str(e) for n in names), e
+    else:
+        raise AssertionError(f"no ImportError naming {names}")
+
+refused(lambda: interop.save_checkpoint(PTH_OUT, net=net), PTH_OUT)
+refused(lambda: interop.load_checkpoint(PTH_IN, net), PTH_IN)
+refused(lambda: interop.inspect_checkpoint(PTH_IN), PTH_IN)
+refused(lambda: interop.flax_to_torch(net), "flax_to_torch")
+assert "torch" not in sys.modules
+print("ok")
+"""
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_import_interop_does_not_import_torch() -> None:
+    done = _run("import sys, interop\nassert interop.__jema__\nprint('torch' in sys.modules)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_safetensors_work_without_torch_and_pth_asks_for_it(tmp_path) -> None:
+    pth_in = tmp_path / "in.pth"
+    pth_in.write_bytes(b"PK\x03\x04 any torch.save file")  # refused before it is read
+    paths = {"SAFE": tmp_path / "ckpt.safetensors", "PTH_OUT": tmp_path / "out.pth"}
+    names = "".join(f"{k} = {str(v)!r}\n" for k, v in {**paths, "PTH_IN": pth_in}.items())
+    done = _run(NO_TORCH + names + textwrap.dedent(CHECKS))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+    assert not paths["PTH_OUT"].exists()
