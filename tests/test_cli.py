@@ -20,7 +20,10 @@ def jema_cli(*args: str, pythonpath: str | None = None) -> subprocess.CompletedP
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "jema", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    # run from that folder too: ``python -m`` puts the working directory first on sys.path
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=pythonpath, check=False
+    )
 
 
 def test_version_names_jema_its_stack_and_where_interop_comes_from():
