@@ -1,18 +1,22 @@
-"""The ``jema`` command line: ``demo``, ``bench``, ``bench-scale``, ``inspect CKPT``."""
+"""The ``jema`` command line: ``demo``, ``bench``, ``bench-scale``, ``bench-posthoc``,
+``inspect CKPT``, ``posthoc DIR``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from jema._app.about import foreign_interop, version_report
 from jema._app.arguments import Parser, non_negative_int, output_folder, positive_int
 from jema._app.demo import DemoConfig
+from jema._app.posthoc_cli import sigma_rel
 
 BENCHMARKS = {
     "bench": "measure the EMA update's speed (prints a table)",
     "bench-scale": "measure a train step, sparse and sharded updates (prints a table)",
+    "bench-posthoc": "measure power_ema's fused update and reconstruct (prints a table)",
 }
 
 
@@ -56,6 +60,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
+    posthoc = commands.add_parser(
+        "posthoc", help="list the snapshots of a folder, or rebuild an EMA width from them"
+    )
+    posthoc.add_argument("directory", help="the folder jema.posthoc.save_snapshot wrote")
+    action = posthoc.add_mutually_exclusive_group(required=True)
+    action.add_argument("--list", action="store_true", help="list the snapshots")
+    action.add_argument("--sigma-rel", type=sigma_rel, help="the width to rebuild, e.g. 0.07")
+    posthoc.add_argument(
+        "--step", type=positive_int, help="rebuild at this step (default: the latest snapshot)"
+    )
+    posthoc.add_argument(
+        "--out", help="the file to write: .safetensors, or .pth in SG's layout (needs torch)"
+    )
+    posthoc.add_argument(
+        "--torch-template", help="a .pth/.pt/.safetensors state_dict whose names to follow"
+    )
+    posthoc.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":
         from jema._app.bench import main as bench_main
@@ -65,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jema._app.bench_scale import main as bench_scale_main
 
         return bench_scale_main(argv[1:])
+    if argv and argv[0] == "bench-posthoc":
+        from jema._app.bench_posthoc import main as bench_posthoc_main
+
+        return bench_posthoc_main(argv[1:])
     args = parser.parse_args(argv)
     if args.version:
         print(version_report())
@@ -73,7 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _inspect(args.checkpoint)
     if args.command == "demo":
         return _demo(args)
-    parser.error("a command is required: demo, bench, bench-scale or inspect")
+    if args.command == "posthoc":
+        if args.list and (args.out or args.step or args.torch_template):
+            posthoc.error("--list takes no --out, --step or --torch-template")
+        if args.sigma_rel is not None and not args.out:
+            posthoc.error("--sigma-rel needs --out FILE (.pth or .safetensors)")
+        return _posthoc(args)
+    parser.error(
+        "a command is required: demo, bench, bench-scale, bench-posthoc, inspect or posthoc"
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -102,6 +136,40 @@ def _demo(args: argparse.Namespace) -> int:
     for kind, path in summary["files"].items():
         print(f"wrote {kind}: {path}")
     return 0 if summary["torch_agrees"] is not False else 1
+
+
+def _posthoc(args: argparse.Namespace) -> int:
+    from jema._app.posthoc_cli import export, snapshot_table
+    from jema.posthoc import ExtrapolationWarning
+
+    problem = None if args.list else foreign_interop()
+    if problem:
+        print(f"jema posthoc: interop {problem}", file=sys.stderr)
+        return 1
+    try:
+        if args.list:
+            print(snapshot_table(args.directory))
+            return 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ExtrapolationWarning)
+            written = export(
+                args.directory,
+                args.sigma_rel,
+                args.out,
+                step=args.step,
+                torch_template=args.torch_template,
+                progress=not args.no_progress,
+            )
+    except ImportError as e:
+        print(f"jema posthoc: writing {args.out} needs PyTorch ({e})", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, TypeError) as e:
+        print(f"jema posthoc: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 1
+    for message in dict.fromkeys(str(w.message) for w in caught):  # once, not once per part
+        print(f"jema posthoc: warning: {message}", file=sys.stderr)
+    print(written)
+    return 0
 
 
 def _inspect(path: str) -> int:
