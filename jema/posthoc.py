@@ -115,8 +115,12 @@ def save_snapshot(
     if state.batch_stats is not None:
         parts["batch_stats"] = state.batch_stats
     items: dict[str, Any] = {}
-    metadata: dict[str, Any] = {"format": FORMAT, "step": step, "sigma_rels": list(widths)}
-    metadata["dtype"] = storage
+    metadata: dict[str, Any] = {
+        "format": FORMAT,
+        "step": step,
+        "sigma_rels": list(widths),
+        "dtype": storage,
+    }
     for part, trees in parts.items():
         metadata[part] = _leaf_records(trees[width_key(widths[0])])
         for width in widths:
@@ -278,7 +282,8 @@ def reconstruct(
 
     Returns:
       The tree as nested dicts keyed by the params' tree paths (a linen params dict comes
-      back as the same dict) of numpy arrays; a list of them for a sequence of widths.
+      back as the same dict; masked ``None`` leaves are left out) of numpy arrays in host
+      memory; a list of them for a sequence of widths.
 
     Raises:
       FileNotFoundError: when the folder does not exist or holds no snapshot.
@@ -367,12 +372,7 @@ def load_snapshot(
       >>> load_snapshot(folder, 1, 0.1)["w"].dtype
       dtype(bfloat16)
     """
-    by_step = {m["step"]: m for m in _read_index(directory)}
-    if step not in by_step:
-        raise FileNotFoundError(
-            f"no snapshot step {step!r} in {os.fspath(directory)!r}; saved steps: {sorted(by_step)}"
-        )
-    metadata = by_step[step]
+    (metadata,) = _read_index(directory, [step])
     records = _part_records(metadata, part, directory)
     if _check_sigma_rel(sigma_rel) not in metadata["sigma_rels"]:
         raise ValueError(
@@ -393,14 +393,20 @@ def _inner(t_a: Any, g_a: Any, t_b: Any, g_b: Any) -> np.ndarray:
     return (g_a + 1) * (g_b + 1) / ((g_a + g_b + 1) * t_hi) * (t_lo / t_hi) ** g_hi
 
 
-def _read_index(directory: Any) -> list[dict[str, Any]]:
-    """Every snapshot's metadata, by step; nothing is created."""
+def _read_index(directory: Any, steps: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """The metadata of the snapshots at ``steps`` (None: all), by step; nothing is created."""
     path = _check_path(directory)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no snapshot folder {path!r}")
     index = []
     with open_manager(path, None) as manager:
-        for step in sorted(manager.all_steps()):
+        saved = sorted(manager.all_steps())
+        missing = sorted(set(steps or ()) - set(saved))
+        if missing:
+            raise FileNotFoundError(
+                f"no snapshot step {missing[0]!r} in {path!r}; saved steps: {saved}"
+            )
+        for step in saved if steps is None else sorted(steps):
             try:
                 restored = manager.restore(
                     step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()})
