@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Literal, Unpack, overload
 
 import jax
 import numpy as np
 
-from interop._convert import Options, state_dict, torch_to_flax
+from interop._convert import Options, state_dict, tensors, torch_to_flax
 from interop._dtypes import to_torch
 from interop._files import save_safetensors
 from interop._names import Rename
 from interop._pth import save_pth
-from interop._report import Converted
+from interop._report import Converted, Report
 from interop._schema import flat_section_hint, pick_section, read_checkpoint, to_safetensors
 from interop._torch import require
 from interop._types import TorchTemplate, Variables
@@ -102,14 +101,35 @@ def load_checkpoint(
         raise ValueError(f"{os.fspath(path)} ({which}): {e}{hint}") from e
 
 
+_LOAD_ONLY = ("which", "prefix", "template")  # load_checkpoint's options: never entries
+
+
+@overload
+def save_checkpoint(
+    path: str | os.PathLike[str], *, net: Variables, ema_net: Variables | None = ...,
+    torch_template: TorchTemplate | None = ..., strict: Literal[True] = ...,
+    rename: Rename | None = ..., match_by_order: bool = ..., cast: bool = ..., **extra: Any,
+) -> None: ...  # fmt: skip
+@overload
+def save_checkpoint(
+    path: str | os.PathLike[str], *, net: Variables, ema_net: Variables | None = ...,
+    torch_template: TorchTemplate | None = ..., strict: Literal[False],
+    rename: Rename | None = ..., match_by_order: bool = ..., cast: bool = ..., **extra: Any,
+) -> dict[str, Report]: ...  # fmt: skip
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     *,
     net: Variables,
     ema_net: Variables | None = None,
     torch_template: TorchTemplate | None = None,
+    strict: bool = True,
+    rename: Rename | None = None,
+    match_by_order: bool = False,
+    cast: bool = False,
     **extra: Any,
-) -> None:
+) -> dict[str, Report] | None:
     """Writes Flax variables in SuperGradients' layout, atomically (temp file, then rename).
 
     ``.safetensors`` paths get flat ``net.<key>``/``ema_net.<key>`` tensors with ``extra`` as
@@ -119,9 +139,15 @@ def save_checkpoint(
     reads: numpy/jax scalars in ``extra`` become Python numbers and arrays become tensors.
     Its kernels are PyTorch-layout views of the Flax arrays' memory, written without a
     transposing copy: ``torch.load`` gives them with those strides (not contiguous), and
-    ``load_state_dict`` copies them as it copies any tensor. For a KD model, pass
-    ``net={"student": s, "teacher": t}`` and a template module with ``.student`` and
-    ``.teacher`` to get ``student.*``/``teacher.*`` keys.
+    ``load_state_dict`` copies them as it copies any tensor. ``ema_net`` that is ``net`` is
+    converted once and stored once (its tensors shared, as ``torch.save`` shares them).
+
+    With ``torch_template``, the file has exactly its keys, order and dtypes: tied keys (a
+    GPT-2 ``lm_head.weight``) are written from their source's Flax value (the ``.pth`` keeps
+    them one tensor), and PyTorch-only tensors (``num_batches_tracked``, a module's buffers,
+    sinusoidal position tables) from the template, so a strict ``load_state_dict`` gives the
+    converted model. For a KD model, pass ``net={"student": s, "teacher": t}`` and a template
+    module with ``.student`` and ``.teacher`` to get ``student.*``/``teacher.*`` keys.
 
     As with ``torch.save``, a symlink is written through to its target and a file the caller may
     not write is refused (root may write any). A save killed half-way leaves the old file and a
@@ -132,13 +158,19 @@ def save_checkpoint(
       net: linen variables, an nnx model or state, or a mapping of names to those.
       ema_net: the EMA weights, same kinds; omitted when None.
       torch_template: an ``nn.Module`` or state_dict giving names, order, dtypes and buffers.
+      strict, rename, match_by_order, cast: as in ``flax_to_torch``; ``strict=False`` writes
+        the template's values where Flax has none, and returns the reports.
       **extra: other entries, e.g. ``epoch=3, acc=0.91``.
+
+    Returns:
+      None; with ``strict=False``, a ``Report`` per section written (``"net"``, ``"ema_net"``).
 
     Raises:
       ImportError: for a ``torch.save`` path (or an ``nn.Module`` template) when PyTorch is
         not installed, before anything is converted.
-      ValueError: listing mismatches against the template; for a safetensors path, when
-        ``extra`` has the reserved key ``jema.sections``.
+      ValueError: listing mismatches against the template (strict); for a safetensors path,
+        when ``extra`` has the reserved key ``jema.sections``; naming an ``extra`` called like
+        an option of ``load_checkpoint`` (``which``, ``prefix``, ``template``).
       TypeError: naming the key, before anything is written, for ``extra`` values that a
         safetensors file cannot hold as JSON or that ``torch.load(weights_only=True)`` would not
         load back (e.g. ``object()``), and for complex128 arrays in a safetensors file.
@@ -153,13 +185,24 @@ def save_checkpoint(
       >>> sorted(read_checkpoint(path)["net"])
       ['fc.bias', 'fc.weight']
     """
+    shadowing = [name for name in _LOAD_ONLY if name in extra]
+    if shadowing:
+        raise ValueError(
+            f"save_checkpoint got {', '.join(shadowing)}: options of load_checkpoint, not "
+            "entries to store. Pass net=, ema_net=, torch_template=, rename=, match_by_order=, "
+            "strict= and cast= to choose what is written; other keywords are stored as entries"
+        )
     safetensors = os.fspath(path).endswith(".safetensors")
     if not safetensors:
         require(f"writing {os.fspath(path)} (a torch.save file)")
-    sections = {"net": state_dict(net, torch_template)}
+    options: Options = {"rename": rename, "match_by_order": match_by_order, "cast": cast}
+    converted: dict[str, Any] = {"net": state_dict(net, torch_template, strict, options)}
     if ema_net is not None:
         same = ema_net is net
-        sections["ema_net"] = sections["net"] if same else state_dict(ema_net, torch_template)
+        converted["ema_net"] = (
+            converted["net"] if same else state_dict(ema_net, torch_template, strict, options)
+        )
+    sections = {k: v.value if isinstance(v, Converted) else v for k, v in converted.items()}
     if safetensors:
         try:
             metadata = {key: json.dumps(_plain(value)) for key, value in extra.items()}
@@ -167,22 +210,21 @@ def save_checkpoint(
             raise TypeError(f"safetensors metadata must be JSON; {e}") from e
         save_safetensors(path, *to_safetensors(sections, metadata))
     else:
-        tensors = {
-            name: OrderedDict((k, to_torch(v, copy=False)) for k, v in section.items())
-            for name, section in sections.items()
-        }
-        save_pth(path, {**tensors, **{k: _plain(v, tensors=True) for k, v in extra.items()}})
+        made: dict[int, Any] = {}  # one tensor per array, across sections
+        out = {name: tensors(section, False, made) for name, section in sections.items()}
+        save_pth(path, {**out, **{k: _plain(v, as_tensors=True) for k, v in extra.items()}})
+    return None if strict else {k: v.report for k, v in converted.items()}
 
 
-def _plain(value: Any, tensors: bool = False) -> Any:
+def _plain(value: Any, as_tensors: bool = False) -> Any:
     """Numpy/jax scalars -> Python numbers, arrays -> tensors (or lists), recursively."""
     if isinstance(value, Mapping):
-        return {k: _plain(v, tensors) for k, v in value.items()}
+        return {k: _plain(v, as_tensors) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_plain(v, tensors) for v in value)
+        return type(value)(_plain(v, as_tensors) for v in value)
     if isinstance(value, np.generic | np.ndarray | jax.Array):
         array = np.asarray(value)
         if array.ndim == 0:
             return array.item()
-        return to_torch(array) if tensors else array.tolist()
+        return to_torch(array) if as_tensors else array.tolist()
     return value

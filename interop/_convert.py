@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from interop._dtypes import as_numpy, is_array, numpy_dtype, to_torch
-from interop._layouts import torch_shapes
-from interop._match import Unit, pair, units
-from interop._names import Rename, usable_names
+from interop._layouts import is_torch_only, torch_shapes
+from interop._match import Pairing, Unit, pair, units
+from interop._names import Rename, match_key, usable_names
 from interop._report import Converted, Problems, few
+from interop._ties import identity, same_bits, ties
 from interop._torch import is_module, require
 from interop._tree import Flat, flatten
 from interop._types import StateDict, TorchTemplate, Variables
@@ -109,11 +110,12 @@ def torch_to_flax(
     flat = flatten(template)
     _check_order(match_by_order, flat.ordered)
     pairing = pair(flat.leaves, _usable(state_dict, prefix), rename, match_by_order)
-    problems = Problems(unexpected=pairing.unused)
+    problems = Problems()
+    _leftovers(pairing, state_dict, frozenset(), problems, problems.unexpected)
     values = [leaf.value for leaf in flat.leaves]
     index = {id(leaf): i for i, leaf in enumerate(flat.leaves)}
-    for unit, lacking in pairing.lacking:
-        problems.missing += [f"{leaf.label} (needs {', '.join(lacking)})" for leaf in unit.leaves]
+    for unit, needs in pairing.lacking:
+        problems.missing += [f"{leaf.label} (needs {needs})" for leaf in unit.leaves]
     for unit, keys in pairing.found:
         arrays = _unit_to_flax(unit, [state_dict[k] for k in keys], keys, problems, cast)
         for leaf, array in zip(unit.leaves, arrays or (), strict=False):
@@ -189,12 +191,41 @@ def flax_to_torch(
     options: Options = {"rename": rename, "match_by_order": match_by_order, "cast": cast}
     out = state_dict(variables, torch_template, strict, options)
     if isinstance(out, Converted):
-        return Converted(_tensors(out.value), out.report)
-    return _tensors(out)
+        return Converted(tensors(out.value), out.report)
+    return tensors(out)
 
 
-def _tensors(arrays: Mapping[str, np.ndarray]) -> OrderedDict[str, torch.Tensor]:
-    return OrderedDict((key, to_torch(array)) for key, array in arrays.items())
+def tensors(
+    arrays: Mapping[str, np.ndarray],
+    copy: bool = True,
+    made: dict[int, torch.Tensor] | None = None,
+) -> OrderedDict[str, torch.Tensor]:
+    """A state_dict of numpy arrays as tensors, one tensor per array: keys that hold one array
+    (tied keys) hold one tensor, as in a module's state_dict, and ``torch.save`` stores it once.
+
+    Args:
+      arrays: names -> numpy arrays.
+      copy: as in ``to_torch``.
+      made: tensors made before, by ``id`` of their array, to share with other state_dicts
+        (filled in).
+
+    Returns:
+      Names -> tensors, in the same order.
+
+    Raises:
+      ImportError: when PyTorch is not installed.
+
+    Example:
+      >>> w = np.ones((2, 2), np.float32)
+      >>> out = tensors({"embed.weight": w, "head.weight": w})
+      >>> out["embed.weight"] is out["head.weight"]
+      True
+    """
+    made = {} if made is None else made
+    for array in arrays.values():
+        if id(array) not in made:
+            made[id(array)] = to_torch(array, copy)
+    return OrderedDict((key, made[id(array)]) for key, array in arrays.items())
 
 
 def state_dict(
@@ -231,9 +262,10 @@ def state_dict(
         _refuse_without_template(rename, match_by_order)
         return Problems().finish(_default_state_dict(flat), strict, "")
     _check_order(match_by_order, flat.ordered)
-    template = _template_state_dict(torch_template)
+    template, buffers = _template_state_dict(torch_template)
     pairing = pair(flat.leaves, _usable(template), rename, match_by_order)
-    problems = Problems(missing=pairing.unused)
+    problems = Problems()
+    tied = _leftovers(pairing, template, buffers, problems, problems.missing)
     problems.unexpected += [leaf.label for unit, _ in pairing.lacking for leaf in unit.leaves]
     produced: dict[str, np.ndarray] = {}
     for unit, keys in pairing.found:
@@ -242,11 +274,48 @@ def state_dict(
             converted = _to_template(array, key, template[key], problems, cast)
             if converted is not None:
                 produced[key] = converted
+    produced.update((alias, produced[s]) for alias, s in tied.items() if s in produced)
+    problems.conflicts += _conflicts(produced, template)
     out = OrderedDict(
         (key, produced[key] if key in produced else as_numpy(value))
         for key, value in template.items()
     )
     return problems.finish(out, strict, "the Flax variables")
+
+
+def _leftovers(
+    pairing: Pairing,
+    state_dict: StateDict,
+    buffers: frozenset[str],
+    problems: Problems,
+    rest: list[str],
+) -> dict[str, str]:
+    """Sorts the keys no Flax leaf took into ties and PyTorch-only tensors (notes) and the
+    rest (``rest``: unexpected when loading, missing when saving); returns alias -> source."""
+    sources = [key for _, keys in pairing.found for key in keys]
+    tied = ties(pairing.unused, sources, state_dict)
+    problems.tied += [f"{alias}: tied to {source} ({how})" for alias, (source, how) in tied.items()]
+    for key in pairing.unused:
+        if key not in tied and is_torch_only(key, state_dict[key], key in buffers):
+            problems.torch_only.append(key)
+        elif key not in tied:
+            rest.append(key)
+    return {alias: source for alias, (source, _) in tied.items()}
+
+
+def _conflicts(produced: Mapping[str, np.ndarray], template: StateDict) -> list[str]:
+    """Keys of one tensor in the template (tied) whose new values differ: ``load_state_dict``
+    would keep whichever it copies last."""
+    groups: dict[Any, list[str]] = {}
+    for key in produced:
+        found = identity(template[key])
+        if found is not None:
+            groups.setdefault(found, []).append(key)
+    return [
+        f"{', '.join(keys)}: one tensor in the template (tied), different values from Flax"
+        for keys in groups.values()
+        if any(not same_bits(produced[k], produced[keys[0]]) for k in keys[1:])
+    ]
 
 
 def _check_order(match_by_order: bool, ordered: bool) -> None:
@@ -329,12 +398,14 @@ def _to_jax(array: np.ndarray) -> Any:
     return np.array(array, order="C", copy=True)
 
 
-def _template_state_dict(torch_template: Any) -> StateDict:
+def _template_state_dict(torch_template: Any) -> tuple[StateDict, frozenset[str]]:
+    """The template's state_dict, and which of its keys are a module's buffers."""
     if is_module(torch_template):
-        return torch_template.state_dict()
+        buffers = torch_template.named_buffers(remove_duplicate=False)
+        return torch_template.state_dict(), frozenset(name for name, _ in buffers)
     if isinstance(torch_template, Mapping):
         _usable(torch_template)
-        return torch_template
+        return torch_template, frozenset()
     raise TypeError(
         f"torch_template must be an nn.Module or its state_dict, got {type(torch_template)}"
     )
@@ -357,7 +428,16 @@ def _to_template(
 
 def _default_state_dict(flat: Flat) -> OrderedDict[str, np.ndarray]:
     out: OrderedDict[str, np.ndarray] = OrderedDict()
+    written: dict[str, tuple[str, str]] = {}  # match key -> the leaf and name written
     for unit in units(flat.leaves):
+        for name in unit.names:
+            label, first = written.setdefault(match_key(name), (unit.leaves[0].label, name))
+            if label != unit.leaves[0].label:
+                raise ValueError(
+                    f"{label} and {unit.leaves[0].label} would be written as {first!r} and "
+                    f"{name!r}, which load back as one name; pass torch_template=your_module "
+                    "to name them, or rename one of the Flax modules or leaves"
+                )
         arrays = unit.layout.to_torch([np.asarray(leaf.value) for leaf in unit.leaves])
         out.update(zip(unit.names, map(as_numpy, arrays), strict=True))
         for name, (_, value) in zip(unit.torch_only, unit.layout.torch_only, strict=True):

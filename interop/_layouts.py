@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import ml_dtypes
 import numpy as np
+
+from interop._dtypes import as_numpy
 
 Arrays = Sequence[np.ndarray]
 Shapes = Sequence[tuple[int, ...]]
@@ -108,20 +112,62 @@ _TORCH_ONLY = frozenset(
 )
 
 
-def is_torch_only(key: str) -> bool:
-    """Whether a PyTorch key names a buffer that has no Flax twin in any layout entry.
+_TWINNED = frozenset(  # PyTorch names some layout entry has a Flax twin for
+    name.rsplit(".", 1)[-1] for layout in (*LEAVES.values(), *MODULES) for name in layout.torch
+)
+
+
+def is_torch_only(key: str, value: Any = None, buffer: bool = False) -> bool:
+    """Whether a PyTorch tensor has no Flax twin: Flax models do not store it.
+
+    Such tensors are a buffer a layout entry keeps on PyTorch's side (``num_batches_tracked``,
+    told by name); an integer or bool tensor (an index table such as ``position_ids``, a causal
+    mask); a sinusoidal position table (Pegasus, Marian, RoFormer: constant, computed by the
+    Flax model); and, when it is known to be a module's buffer, any buffer whose name no layout
+    entry has a twin for (``running_mean`` has one: a BatchNorm's Flax ``mean``).
 
     Args:
       key: a state_dict key.
+      value: its tensor or array, when known.
+      buffer: whether it is a buffer of the module it came from.
 
     Returns:
-      True when its last part is such a buffer (e.g. ``num_batches_tracked``).
+      True for such a tensor.
 
     Example:
       >>> is_torch_only("bn1.num_batches_tracked"), is_torch_only("bn1.running_var")
       (True, False)
+      >>> is_torch_only("pos.weight", np.cos(np.arange(8)[:, None] / [1.0, 10.0, 100.0]))
+      True
     """
-    return key.rsplit(".", 1)[-1] in _TORCH_ONLY
+    name = key.rsplit(".", 1)[-1]
+    if name in _TORCH_ONLY or (buffer and name not in _TWINNED):
+        return True
+    if value is None:
+        return False
+    array = as_numpy(value)
+    return array.dtype.kind in "biu" or _sinusoidal(array)
+
+
+def _sinusoidal(table: np.ndarray) -> bool:
+    """Whether each column of a (positions, features) table is a sinusoid of the position,
+    ``sin(p * w + phase)``, as any sinusoidal position encoding's columns are: such a column
+    satisfies ``x[p + 1] + x[p - 1] = 2 cos(w) x[p]``. The table must reach 1 (a cosine column
+    at p = 0) and some column must swing by at least 1, so neither a small learned embedding nor
+    a constant is taken for one."""
+    if table.ndim != 2 or table.shape[0] < 4 or table.dtype.kind not in "fV":
+        return False
+    try:
+        x = table.astype(np.float64)
+    except (TypeError, ValueError):
+        return False
+    if not (np.isfinite(x).all() and 0.99 <= np.abs(x).max() <= 1.01 and np.ptp(x, 0).max() >= 1):
+        return False
+    mid, outer = x[1:-1], x[2:] + x[:-2]
+    ratio = (outer * mid).sum(0) / np.maximum((mid * mid).sum(0), 1e-300)
+    # Rounding to the dtype, plus the phase drift of a table computed in float32 (p * w).
+    tolerance = 8 * float(ml_dtypes.finfo(table.dtype).eps) + 4e-7 * table.shape[0]
+    return bool(np.abs(outer - ratio * mid).max() <= tolerance)
 
 
 def for_leaf(name: str) -> Layout:

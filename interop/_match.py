@@ -14,8 +14,8 @@ from interop._names import (
     Rename,
     apply_rename,
     compile_rename,
-    dotted,
-    normalise,
+    match_key,
+    tensor_name,
     without_sequential_lists,
 )
 from interop._tree import Leaf
@@ -75,8 +75,9 @@ def units(leaves: Sequence[Leaf]) -> list[Unit]:
 
 
 def _unit(layout: Layout, module: Path, leaves: tuple[Leaf, ...]) -> Unit:
-    names = tuple(dotted((*module, t)) for t in layout.torch)
-    return Unit(layout, leaves, names, tuple(dotted((*module, t)) for t, _ in layout.torch_only))
+    names = tuple(tensor_name(module, t) for t in layout.torch)
+    torch_only = tuple(tensor_name(module, t) for t, _ in layout.torch_only)
+    return Unit(layout, leaves, names, torch_only)
 
 
 def _module_leaves(
@@ -103,14 +104,15 @@ def match(
 ) -> dict[str, str]:
     """Pairs expected default names with available keys.
 
-    Exact names come first (both sides normalised, so ``layers_0`` finds ``layers.0``), then
-    names without the ``layers`` list a Sequential keeps its children in (``seq.layers.0.weight``
-    finds ``seq.0.weight``: a linen ``nn.Sequential`` assigned in ``setup``, or an nnx State,
-    whose module types are unknown), then ``rules`` applied to what is left, then, with
-    ``by_order``, what is still left in order.
+    Names are compared by ``match_key`` (so ``layers_0`` finds ``layers.0`` and ``weight_g``
+    finds ``parametrizations.weight.original0``). Exact names come first, then names without
+    the ``layers`` list a Sequential keeps its children in (``seq.layers.0.weight`` finds
+    ``seq.0.weight``: a linen ``nn.Sequential`` assigned in ``setup``, or an nnx State, whose
+    module types are unknown), then ``rules`` applied to what is left, then, with ``by_order``,
+    what is still left in order.
 
     Args:
-      expected: the default PyTorch names the Flax side needs, normalised.
+      expected: the default PyTorch names the Flax side needs.
       available: the keys on the PyTorch side.
       rules: compiled rename rules (``compile_rename``), turning available keys into expected
         names.
@@ -120,30 +122,33 @@ def match(
       Expected name -> available key, for the names that found one.
 
     Raises:
-      ValueError: when two available keys are the same name once normalised.
+      ValueError: when two available keys have the same ``match_key``.
 
     Example:
       >>> match(["fc.weight", "layers.0.bias"], ["fc.weight", "layers_0.bias"], (), False)
       {'fc.weight': 'fc.weight', 'layers.0.bias': 'layers_0.bias'}
     """
-    normal: dict[str, str] = {}
+    by_key: dict[str, str] = {}
     for key in available:
-        if normalise(key) in normal:
-            raise ValueError(f"keys {normal[normalise(key)]!r} and {key!r} name the same tensor")
-        normal[normalise(key)] = key
-    wanted = set(expected)
-    pairs = {n: k for n, k in normal.items() if n in wanted}
-    used = set(pairs.values())
-    for name in expected:
-        found = normal.get(".".join(map(str, without_sequential_lists(tuple(name.split("."))))))
-        if name not in pairs and found is not None and found not in used:
-            pairs[name] = found
-            used.add(found)
+        if match_key(key) in by_key:
+            raise ValueError(f"keys {by_key[match_key(key)]!r} and {key!r} name the same tensor")
+        by_key[match_key(key)] = key
+    wanted = {match_key(name): name for name in reversed(expected)}
+    pairs: dict[str, str] = {}
+    used: set[str] = set()
+    for without_lists in (False, True):
+        for name in expected:
+            parts = tuple(match_key(name).split("."))
+            found = by_key.get(
+                ".".join(map(str, without_sequential_lists(parts) if without_lists else parts))
+            )
+            if name not in pairs and found is not None and found not in used:
+                pairs[name] = found
+                used.add(found)
     if rules:
-        used = set(pairs.values())
         for key in available:
-            renamed = normalise(apply_rename(key, rules))
-            if key not in used and renamed in wanted and renamed not in pairs:
+            renamed = wanted.get(match_key(apply_rename(key, rules)))
+            if key not in used and renamed is not None and renamed not in pairs:
                 pairs[renamed] = key
     if by_order:
         used = set(pairs.values())
@@ -158,12 +163,14 @@ class Pairing:
 
     Attributes:
       found: each unit whose names all found a key, with those keys (``unit.names`` order).
-      lacking: each other unit, with the names that found no key.
-      unused: the keys no unit took, in their order, PyTorch-only buffers left out.
+      lacking: each other unit, with what it needs: the names that found no key, and why
+        where the state_dict seems to have one (another unit took it; its other names found
+        keys, which it loads only together; a prefix made it read as another name).
+      unused: the keys no unit took, in their order (an incomplete unit takes none).
     """
 
     found: list[tuple[Unit, tuple[str, ...]]]
-    lacking: list[tuple[Unit, tuple[str, ...]]]
+    lacking: list[tuple[Unit, str]]
     unused: list[str]
 
 
@@ -185,7 +192,7 @@ def pair(
       A ``Pairing`` with original keys.
 
     Raises:
-      ValueError: when two keys are the same name once normalised, or for a bad rule.
+      ValueError: when two keys have the same ``match_key``, or for a bad rule.
       TypeError: for ``rename`` of the wrong kind.
 
     Example:
@@ -200,11 +207,41 @@ def pair(
     available = [k for k in keys if not is_torch_only(k)]
     expected = [name for unit in unit_list for name in unit.names]
     pairs = match(expected, available, compile_rename(rename), by_order)
-    found, lacking = [], []
-    for unit in unit_list:
-        if all(n in pairs for n in unit.names):
+    found: list[tuple[Unit, tuple[str, ...]]] = []
+    taken: dict[str, str] = {}  # usable key -> label of the leaf that took it
+    for unit in unit_list:  # a key goes to one unit, the first that needs it
+        if all(n in pairs and pairs[n] not in taken for n in unit.names):
             found.append((unit, tuple(keys[pairs[n]] for n in unit.names)))
-        else:
-            lacking.append((unit, tuple(n for n in unit.names if n not in pairs)))
-    used = set(pairs.values())
-    return Pairing(found, lacking, [keys[k] for k in available if k not in used])
+            taken.update((pairs[n], unit.leaves[0].label) for n in unit.names)
+    done = {id(unit) for unit, _ in found}
+    by_key = {match_key(k): k for k in keys}
+    read_as = {original: usable for usable, original in keys.items()}
+    lacking = [
+        (u, _needs(u, pairs, taken, by_key, read_as)) for u in unit_list if id(u) not in done
+    ]
+    return Pairing(found, lacking, [keys[k] for k in keys if k not in taken])
+
+
+def _needs(
+    unit: Unit,
+    pairs: Mapping[str, str],
+    taken: Mapping[str, str],
+    by_key: Mapping[str, str],
+    read_as: Mapping[str, str],
+) -> str:
+    """What an incomplete unit needs, and why the state_dict's likely keys did not do: another
+    unit took one (``taken``: key -> its leaf), or a prefix made the one it needs read as
+    another name (``read_as``: original key -> usable name; ``by_key``: match key -> key)."""
+    lacking = [n for n in unit.names if n not in pairs or pairs[n] in taken]
+    notes = []
+    for name in lacking:
+        key = pairs.get(name) or by_key.get(match_key(name), "")
+        if key in taken:
+            notes.append(f"{key} went to {taken[key]}")
+        elif read_as.get(name, name) != name:
+            notes.append(f"the state_dict's {name} is read as {read_as[name]}")
+    present = [pairs[n] for n in unit.names if n not in lacking]
+    if present:
+        verb = "is" if len(present) == 1 else "are"
+        notes.append(f"{', '.join(present)} {verb} there but load only with it")
+    return "; ".join([", ".join(lacking), *notes])

@@ -1,5 +1,12 @@
-"""Every naming rule: Flax paths -> PyTorch dotted names, Sequential lists, ``module.`` and
-user prefixes, and rename rules."""
+"""Every naming rule: Flax paths -> PyTorch dotted names, Sequential lists, weight norm's two
+spellings, ``module.`` and user prefixes, and rename rules.
+
+Numbers: in a module path, a part ending in ``_<digits>`` is a list index (linen's
+``layers_0`` and nnx's ``("layers", 0)`` are PyTorch's ``layers.0``); a tensor's own name is
+kept as it is (``gamma_1`` of a layer-scale block stays ``gamma_1``). Names are compared with
+every ``_<digits>`` made an index on both sides (``match_key``), so either spelling finds the
+other.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ Rename = Mapping[str, str] | Sequence[tuple[str, str]]
 _INDEX = re.compile(r"_(\d+)(?=(?:_\d+)*(?:\.|$))")
 _MODULE = "module."  # what DataParallel puts in front of every key
 _LIST = "layers"  # where Flax's Sequential modules keep their children
+# torch.nn.utils.parametrizations.weight_norm's names for the legacy weight_norm's g and v.
+_WEIGHT_NORM = re.compile(r"(^|\.)parametrizations\.(\w+)\.original([01])$")
 
 
 def normalise(name: str) -> str:
@@ -35,19 +44,55 @@ def normalise(name: str) -> str:
 
 
 def dotted(path: Iterable[str | int]) -> str:
-    """The default PyTorch name of a Flax path.
+    """The default PyTorch name of a Flax module path.
 
     Args:
-      path: linen keys or nnx attribute names and list indices, then maybe a tensor name.
+      path: linen keys, or nnx attribute names and list indices.
 
     Returns:
       The parts joined by dots, normalised.
 
     Example:
-      >>> dotted(("layers_0", 1)), dotted(("layers", 0, 1, "weight"))
-      ('layers.0.1', 'layers.0.1.weight')
+      >>> dotted(("layers_0", 1)), dotted(("layers", 0, "block_2"))
+      ('layers.0.1', 'layers.0.block.2')
     """
     return normalise(".".join(str(part) for part in path))
+
+
+def tensor_name(module: Path, name: str) -> str:
+    """The default PyTorch name of a tensor: its module's dotted path, then its own name as is.
+
+    Args:
+      module: the module path (see ``dotted``).
+      name: the tensor's name relative to the module, e.g. ``weight`` or ``gamma_1``.
+
+    Returns:
+      The dotted name.
+
+    Example:
+      >>> tensor_name(("blocks_0",), "gamma_1"), tensor_name((), "cls_token")
+      ('blocks.0.gamma_1', 'cls_token')
+    """
+    return ".".join(filter(None, (dotted(module), name)))
+
+
+def match_key(name: str) -> str:
+    """What two names are compared by: normalised, and weight norm spelled one way.
+
+    ``<m>.parametrizations.<w>.original0``/``original1`` (``torch.nn.utils.parametrizations.
+    weight_norm``) are the legacy ``weight_norm``'s ``<m>.<w>_g``/``<m>.<w>_v``, same values.
+
+    Args:
+      name: a dotted name.
+
+    Returns:
+      Its key; two names match when their keys are equal.
+
+    Example:
+      >>> match_key("conv.parametrizations.weight.original0"), match_key("blk.gamma_1")
+      ('conv.weight_g', 'blk.gamma.1')
+    """
+    return normalise(_WEIGHT_NORM.sub(lambda m: f"{m[1]}{m[2]}_{'gv'[int(m[3])]}", name))
 
 
 def without_sequential_lists(

@@ -6,33 +6,45 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+_NOTES = ("tied", "torch_only")  # fields that say what was done, not what went wrong
+
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """Mismatches found by a conversion, each tuple sorted.
+    """What a conversion found, each tuple sorted: mismatches, then notes.
 
     Attributes:
       missing: what the destination needs and the source lacks.
       unexpected: what the source holds and the destination has no place for.
       shapes: pairs matched by name whose shapes differ.
       dtypes: pairs whose dtypes differ (no silent casts), or dtypes outside the table.
+      conflicts: PyTorch keys of one shared tensor that would get different values.
+      tied: notes, ``<key>: tied to <key>``: PyTorch keys that alias a tensor already converted
+        (a GPT-2 ``lm_head.weight`` and its ``wte.weight``), loaded once, or written from their
+        source's value.
+      torch_only: notes: PyTorch tensors with no Flax twin (``num_batches_tracked``, index
+        tables, masks, sinusoidal position tables, a module's other buffers), left out when
+        loading, taken from the template when saving.
     """
 
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
     shapes: tuple[str, ...] = ()
     dtypes: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = ()
+    tied: tuple[str, ...] = ()
+    torch_only: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        """True when nothing is missing, unexpected or mismatched."""
-        return not (self.missing or self.unexpected or self.shapes or self.dtypes)
+        """True when nothing is missing, unexpected or mismatched (notes aside)."""
+        return not any(v for k, v in dataclasses.asdict(self).items() if k not in _NOTES)
 
     def __str__(self) -> str:
         lines = []
         for title, items in dataclasses.asdict(self).items():
             if items:
-                lines.append(f"{len(items)} {title}:")
+                lines.append(f"{len(items)} {title.replace('_', '-')}:")
                 lines += [f"  {item}" for item in items]
         return "\n".join(lines) or "all keys matched"
 
@@ -52,6 +64,9 @@ class Problems:
     unexpected: list[str] = dataclasses.field(default_factory=list)
     shapes: list[str] = dataclasses.field(default_factory=list)
     dtypes: list[str] = dataclasses.field(default_factory=list)
+    conflicts: list[str] = dataclasses.field(default_factory=list)
+    tied: list[str] = dataclasses.field(default_factory=list)
+    torch_only: list[str] = dataclasses.field(default_factory=list)
 
     def report(self) -> Report:
         """The mismatches so far, each kind sorted.

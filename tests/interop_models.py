@@ -148,6 +148,31 @@ class TorchConv1d(tnn.Module):
 # ---- linen twins ----------------------------------------------------------------------------
 
 
+def sinusoids(positions: int, features: int) -> np.ndarray:
+    """A sinusoidal position table (half sines, half cosines), float32."""
+    angles = np.arange(positions)[:, None] / 10000 ** (np.arange(features // 2) / (features // 2))
+    return np.concatenate([np.sin(angles), np.cos(angles)], 1).astype(np.float32)
+
+
+class TorchTiedLM(tnn.Module):
+    """Embedding tied to the output Linear (GPT-2's ``lm_head``), a layer-scale ``gamma_1``, and
+    two buffers only PyTorch stores: a sinusoidal position table and the position ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = tnn.Embedding(20, 16)
+        self.norm = tnn.LayerNorm(16)
+        self.gamma_1 = tnn.Parameter(torch.ones(16))
+        self.head = tnn.Linear(16, 20, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("positions", torch.from_numpy(sinusoids(6, 16)))
+        self.register_buffer("position_ids", torch.arange(6))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.positions[self.position_ids[: tokens.shape[1]]]
+        return self.head(self.gamma_1 * self.norm(x))
+
+
 def _pad(p: int, dims: int = 2) -> tuple[tuple[int, int], ...]:
     return ((p, p),) * dims
 
@@ -237,6 +262,15 @@ class LinenConv1d(nn.Module):
 
 
 # ---- nnx twins ------------------------------------------------------------------------------
+
+
+class LinenTiedLM(nn.Module):
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        embed = nn.Embed(20, 16, name="embed")
+        x = embed(tokens) + sinusoids(6, 16)[: tokens.shape[1]]
+        gamma = self.param("gamma_1", nn.initializers.ones, (16,))
+        return embed.attend(gamma * nn.LayerNorm(epsilon=EPS, name="norm")(x))
 
 
 def _nnx_bn(n: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -345,6 +379,17 @@ class NnxConv1d(nnx.Module):
 # ---- Sequential containers (not in TWINS: their default names differ by kind) ---------------
 
 
+class NnxTiedLM(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.embed = nnx.Embed(20, 16, rngs=rngs)
+        self.norm = nnx.LayerNorm(16, epsilon=EPS, rngs=rngs)
+        self.gamma_1 = nnx.Param(jnp.ones(16))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = self.embed(tokens) + sinusoids(6, 16)[: tokens.shape[1]]
+        return self.embed.attend(self.gamma_1 * self.norm(x))
+
+
 class TorchSequential(tnn.Module):
     """``self.layers = nn.Sequential(...)``, nested: keys ``layers.0.*`` ... ``layers.3.0.*``."""
 
@@ -412,6 +457,7 @@ class Twin:
     inputs: Callable[[np.random.Generator], np.ndarray]
     channels_last: bool = True
     spatial_out: bool = False
+    complete: bool = True  # Flax's default names alone give every PyTorch key (no ties, ...)
 
     def flax_input(self, x: np.ndarray) -> jax.Array:
         """The PyTorch input laid out for Flax."""
@@ -427,33 +473,34 @@ def _normal(*shape: int) -> Callable[[np.random.Generator], np.ndarray]:
     return lambda rng: rng.standard_normal(shape, dtype=np.float32)
 
 
+def _tokens(rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, 20, (2, 6))
+
+
 TWINS: dict[str, Twin] = {
     "cnn": Twin(TorchCNN, LinenCNN, NnxCNN, _normal(2, 3, 8, 8)),
     "block": Twin(TorchBlock, LinenBlock, NnxBlock, _normal(2, 4, 8, 8), spatial_out=True),
     "mlp": Twin(TorchMLP, LinenMLP, NnxMLP, _normal(2, 4), channels_last=False),
-    "attention": Twin(
-        TorchAttention,
-        LinenAttention,
-        NnxAttention,
-        lambda rng: rng.integers(0, 20, (2, 6)),
-        channels_last=False,
-    ),
+    "attention": Twin(TorchAttention, LinenAttention, NnxAttention, _tokens, channels_last=False),
     "separable": Twin(
         TorchSeparable, LinenSeparable, NnxSeparable, _normal(2, 8, 6, 6), True, True
     ),
     "conv3d": Twin(TorchConv3d, LinenConv3d, NnxConv3d, _normal(1, 2, 5, 5, 5), True, True),
     "decoder": Twin(TorchDecoder, LinenDecoder, NnxDecoder, _normal(1, 8, 3, 3), True, True),
     "conv1d": Twin(TorchConv1d, LinenConv1d, NnxConv1d, _normal(2, 4, 7), True, True),
+    "tied": Twin(TorchTiedLM, LinenTiedLM, NnxTiedLM, _tokens, False, complete=False),
 }
 
 
 def randomized(model: tnn.Module, seed: int = 0) -> tnn.Module:
-    """Returns ``model`` in eval mode with every float parameter and buffer redrawn (positive
-    running variances), so that no layout error hides behind zeros and ones."""
+    """Returns ``model`` in eval mode with every float parameter and BatchNorm statistic redrawn
+    (positive running variances), so that no layout error hides behind zeros and ones; other
+    buffers (constants such as position tables) stay as they are."""
     gen = torch.Generator().manual_seed(seed)
+    constants = {n for n, _ in model.named_buffers() if not n.endswith(("_mean", "_var"))}
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            if not tensor.is_floating_point():
+            if not tensor.is_floating_point() or name in constants:
                 continue
             noise = torch.randn(tensor.shape, generator=gen, dtype=tensor.dtype)
             tensor.copy_(noise.abs() + 0.5 if name.endswith("running_var") else noise * 0.5)

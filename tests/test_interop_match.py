@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import flax.linen as nn
 import jax
@@ -10,11 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
+from flax import nnx, traverse_util
 from torch import nn as tnn
 
 import interop
-from tests.interop_models import LinenMLP, NnxMLP, TorchCNN, TorchMLP, randomized
+from tests.interop_models import (
+    LinenAttention,
+    LinenMLP,
+    NnxMLP,
+    TorchAttention,
+    TorchCNN,
+    TorchMLP,
+    randomized,
+)
 
 X_MLP = jnp.zeros((1, 4))
 MLP_T = jax.eval_shape(LinenMLP().init, jax.random.key(0), X_MLP)
@@ -172,9 +181,10 @@ def test_bad_inputs_are_type_errors() -> None:
     with pytest.raises(
         ValueError, match="1 dtypes:\n  a: unsupported tensor dtype torch.complex32"
     ):
-        interop.torch_to_flax(
-            {"a": torch.zeros(1, dtype=torch.complex32)}, {"params": {"a": np.zeros(1)}}
-        )
+        with warnings.catch_warnings():  # complex32 is experimental
+            warnings.simplefilter("ignore", UserWarning)
+            complex32 = torch.zeros(1, dtype=torch.complex32)
+        interop.torch_to_flax({"a": complex32}, {"params": {"a": np.zeros(1)}})
 
 
 @pytest.mark.parametrize("empty", [{}, {"student": {}}])
@@ -243,3 +253,74 @@ def test_flax_to_torch_refuses_pairing_options_it_would_ignore(kwargs, named) ->
     assert str(e.value).startswith(f"flax_to_torch got {named} without a torch_template")
     assert "Pass torch_template=" in str(e.value)
     assert list(interop.flax_to_torch(variables)) == list(TorchMLP().state_dict())
+
+
+PARAMETRIZED = ("parametrizations.weight.original0", "parametrizations.weight.original1")
+
+
+def _weight_norm_conv(legacy: bool) -> torch.nn.Module:
+    conv = torch.nn.Conv1d(2, 4, 3)
+    if not legacy:
+        return tnn.ModuleDict({"conv": torch.nn.utils.parametrizations.weight_norm(conv)})
+    with pytest.warns(FutureWarning, match="is deprecated in favor of"):
+        return tnn.ModuleDict({"conv": torch.nn.utils.weight_norm(conv)})
+
+
+@pytest.mark.parametrize("flax_spelling", ["weight_g", "parametrizations"])
+@pytest.mark.parametrize("legacy", [False, True], ids=["parametrizations", "weight_g"])
+def test_weight_norm_loads_and_saves_under_either_spelling(legacy, flax_spelling) -> None:
+    """``parametrizations.weight.original0/1`` and the legacy ``weight_g``/``weight_v`` are one
+    layout: either PyTorch spelling fills a Flax tree that uses either, and goes back."""
+    conv = randomized(_weight_norm_conv(legacy))
+    state_dict = conv.state_dict()
+    torch_g, torch_v = ("weight_g", "weight_v") if legacy else PARAMETRIZED
+    flax_g, flax_v = ("weight_g", "weight_v") if flax_spelling == "weight_g" else PARAMETRIZED
+    g, v = (state_dict[f"conv.{name}"].numpy() for name in (torch_g, torch_v))
+    leaves = {flax_g: np.zeros_like(g), flax_v: np.zeros_like(v), "bias": np.zeros(4, np.float32)}
+    template = {"params": {"conv": traverse_util.unflatten_dict(leaves, sep=".")}}
+    variables = interop.torch_to_flax(state_dict, template)
+    flat = traverse_util.flatten_dict(variables["params"]["conv"], sep=".")
+    np.testing.assert_array_equal(flat[flax_g], g)
+    np.testing.assert_array_equal(flat[flax_v], v)
+    back = interop.flax_to_torch(variables, conv)
+    assert list(back) == list(state_dict)
+    assert all(torch.equal(back[k], state_dict[k]) for k in state_dict)
+    assert list(interop.flax_to_torch(variables))[:2] == [f"conv.{flax_g}", f"conv.{flax_v}"]
+
+
+def test_a_unit_that_finds_part_of_its_keys_says_what_it_lacks_and_what_it_found() -> None:
+    model = randomized(TorchAttention())
+    state_dict = {k: v for k, v in model.state_dict().items() if k != "attn.in_proj_bias"}
+    template = jax.eval_shape(LinenAttention().init, jax.random.key(0), np.zeros((2, 6), int))
+    report = interop.torch_to_flax(state_dict, template, strict=False).report
+    found = "attn.in_proj_weight, attn.out_proj.weight, attn.out_proj.bias"
+    assert report.missing[0] == (
+        f"params/attn/key/bias (needs attn.in_proj_bias; {found} are there but load only with it)"
+    )
+    assert len(report.missing) == 8
+    assert report.unexpected == (
+        "attn.in_proj_weight",
+        "attn.out_proj.bias",
+        "attn.out_proj.weight",
+    )
+
+
+def test_a_key_read_under_another_name_or_taken_by_another_leaf_is_explained() -> None:
+    """A Flax model whose top module is called ``module``: PyTorch's keys all start with
+    ``module.``, which is dropped as DataParallel's prefix. And two leaves wanting one key."""
+    template = {"params": {"module": {"fc": {"bias": np.zeros(3, np.float32)}}}}
+    report = interop.torch_to_flax({"module.fc.bias": torch.ones(3)}, template, strict=False).report
+    assert report.missing == (
+        "params/module/fc/bias (needs module.fc.bias; the state_dict's module.fc.bias is read as "
+        "fc.bias)",
+    )
+    assert report.unexpected == ("module.fc.bias",)
+    fixed = interop.torch_to_flax(
+        {"module.fc.bias": torch.ones(3)}, template, rename={"^": "module."}
+    )
+    np.testing.assert_array_equal(fixed["params"]["module"]["fc"]["bias"], np.ones(3))
+    both = {
+        "params": {"m": {"kernel": np.zeros((3, 3), np.float32), "scale": np.zeros(3, np.float32)}}
+    }
+    report = interop.torch_to_flax({"m.weight": torch.ones(3, 3)}, both, strict=False).report
+    assert report.missing == ("params/m/scale (needs m.weight; m.weight went to params/m/kernel)",)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,14 +25,28 @@ from interop._match import match
 from interop._names import apply_rename, compile_rename, dotted, normalise, usable_names
 
 DTYPES = [np.float32, np.float16, np.float64, ml_dtypes.bfloat16, np.int64, np.int8]
+# Every dtype both sides have (issue 12): PyTorch and numpy/ml_dtypes, bit for bit.
+ALL_DTYPES = [
+    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+    np.float16, ml_dtypes.bfloat16, np.float32, np.float64, ml_dtypes.float8_e4m3fn,
+    ml_dtypes.float8_e5m2, ml_dtypes.float8_e4m3fnuz, ml_dtypes.float8_e5m2fnuz,
+    ml_dtypes.float8_e8m0fnu, np.complex64, np.complex128,
+]  # fmt: skip
 dims = st.integers(1, 4)
 
 
 def _bits(rng: np.random.Generator, shape, dtype) -> np.ndarray:
-    """Arbitrary bit patterns (NaN payloads and all) of the given dtype."""
+    """Arbitrary bit patterns (NaN payloads and all) of the given dtype; bools 0 or 1."""
+    if np.dtype(dtype) == np.bool_:
+        return rng.integers(0, 2, shape).astype(bool)
     size = np.dtype(dtype).itemsize
     raw = rng.integers(0, 256, (*shape, size), dtype=np.uint8)
     return raw.view(dtype).reshape(shape)
+
+
+def _same_bits(got, want) -> bool:
+    got, want = np.asarray(got), np.asarray(want)
+    return got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes()
 
 
 @given(st.lists(dims, min_size=2, max_size=5), st.sampled_from(DTYPES), st.integers(0, 2**32 - 1))
@@ -61,13 +76,21 @@ def test_attention_layout_round_trip(heads, head_dim, bias, seed) -> None:
         np.testing.assert_array_equal(a, b)
 
 
-@given(st.lists(dims, max_size=3), st.sampled_from(DTYPES), st.integers(0, 2**32 - 1))
-def test_dtype_table_is_bit_exact_both_ways(shape, dtype, seed) -> None:
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: np.dtype(d).name)
+@settings(max_examples=8)
+@given(st.lists(st.integers(0, 3), max_size=3), st.integers(0, 2**32 - 1))
+def test_dtype_table_is_bit_exact_both_ways(dtype, shape, seed) -> None:
+    """Every dtype, 0-d and empty arrays included, through tensors and the in-memory
+    conversions in both directions."""
     array = _bits(np.random.default_rng(seed), shape, dtype)
     tensor = to_torch(array)
+    assert str(tensor.dtype) == f"torch.{np.dtype(dtype).name}"
     back = as_numpy(tensor)
-    assert back.dtype == array.dtype and back.tobytes() == array.tobytes()
-    assert not np.shares_memory(back, array)
+    assert _same_bits(back, array) and not np.shares_memory(back, array)
+    template = {"params": {"m": {"w": jax.ShapeDtypeStruct(array.shape, array.dtype)}}}
+    variables = interop.torch_to_flax({"m.w": tensor}, template)
+    assert _same_bits(variables["params"]["m"]["w"], array)
+    assert _same_bits(as_numpy(interop.flax_to_torch(variables)["m.w"]), array)
 
 
 # Any name, and often one ending in ``_<digits>`` (``stage_1``, ``block_1_2``).
@@ -209,7 +232,7 @@ values = st.recursive(
 @settings(deadline=None)
 @given(values)
 def test_plain_turns_numpy_and_jax_values_into_python_numbers_lists_or_tensors(value) -> None:
-    listed, tensors = _plain(value), _plain(value, tensors=True)
+    listed, tensors = _plain(value), _plain(value, as_tensors=True)
     json.dumps(listed)
     _check_plain(value, listed, tensors)
 
@@ -236,3 +259,46 @@ def _check_plain(value, listed, tensors) -> None:
         assert type(listed) is type(tensors) is type(item) and listed == tensors == item
     else:
         assert listed is value and tensors is value
+
+
+# Flax trees as users write them: module names that are list items (``blocks_1``) or not,
+# leaf names that end in digits (``gamma_1``), layout leaves (``kernel``, ``scale``, ``mean``,
+# ``var``), any dtype, 0-d and empty arrays.
+part_names = st.from_regex(r"[a-z]{1,3}(_[0-9]{1,2}){0,2}", fullmatch=True)
+LAYOUT_LEAVES = ("kernel", "scale", "embedding", "bias", "mean", "var", "weight_g", "weight_v")
+
+
+@st.composite
+def flax_trees(draw) -> dict:
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+
+    def module(depth: int) -> dict:
+        names = draw(st.lists(st.sampled_from(LAYOUT_LEAVES) | part_names, max_size=4, unique=True))
+        weights = [n for n in names if n in ("kernel", "scale", "embedding")]
+        out = {}
+        for name in [n for n in names if n not in weights[1:]]:  # one ``weight`` per module
+            if depth < 2 and draw(st.booleans()) and name not in LAYOUT_LEAVES:
+                out[name] = module(depth + 1)
+                continue
+            low = 2 if name == "kernel" else 0
+            shape = draw(st.lists(st.integers(0, 3), min_size=low, max_size=max(low, 3)))
+            out[name] = _bits(rng, shape, draw(st.sampled_from(ALL_DTYPES)))
+        return out or {"bias": np.zeros(2, np.float32)}
+
+    return {"params": module(0)}
+
+
+@settings(max_examples=30)
+@given(flax_trees(), st.sampled_from(["pth", "safetensors"]))
+def test_any_tree_interop_writes_loads_back_into_itself_bit_exact(tmp_path_factory, tree, suffix):
+    path = tmp_path_factory.mktemp("tree") / f"ckpt.{suffix}"
+    leaves = jax.tree.leaves(tree)
+    if suffix == "safetensors" and any(a.dtype == np.complex128 for a in leaves):
+        with pytest.raises(TypeError, match="complex128, which a safetensors file cannot hold"):
+            interop.save_checkpoint(path, net=tree)
+        return
+    interop.save_checkpoint(path, net=tree, ema_net=tree)
+    for which in ("net", "ema_net"):
+        back = interop.load_checkpoint(path, tree, which=which)
+        assert jax.tree.structure(back) == jax.tree.structure(tree)
+        assert all(map(_same_bits, jax.tree.leaves(back), leaves))

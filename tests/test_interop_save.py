@@ -123,3 +123,61 @@ def test_tensor_extras_are_saved_whole_after_the_check(tmp_path) -> None:
     interop.save_checkpoint(tmp_path / "ckpt.pth", net=NET, optimizer=big)
     back = torch.load(tmp_path / "ckpt.pth", weights_only=True)["optimizer"]
     assert back["state"][0]["exp_avg"].sum().item() == 1_000_000.0
+
+
+class _Renamed(torch.nn.Module):
+    """``fc`` under another name, so that saving needs a rename rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(2, 3)
+
+
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_save_takes_the_loaders_matching_options_and_they_are_not_entries(tmp_path, suffix) -> None:
+    path = tmp_path / f"ckpt.{suffix}"
+    with pytest.raises(ValueError, match="missing:\n  head.bias\n  head.weight"):
+        interop.save_checkpoint(path, net=NET, torch_template=_Renamed())
+    interop.save_checkpoint(
+        path, net=NET, ema_net=NET, torch_template=_Renamed(), rename={r"^head\.": "fc."}, epoch=2
+    )
+    back = interop.load_checkpoint(path, NET, rename={r"^head\.": "fc."})
+    np.testing.assert_array_equal(back["params"]["fc"]["kernel"], NET["params"]["fc"]["kernel"])
+    if suffix == "pth":
+        saved = torch.load(path, weights_only=True)
+        assert list(saved) == ["net", "ema_net", "epoch"]
+        assert list(saved["net"]) == ["head.weight", "head.bias"]
+    cast = interop.save_checkpoint(
+        path, net=NET, torch_template=_Renamed().double(), rename={"head": "fc"}, cast=True
+    )
+    assert cast is None
+    reloaded = interop.load_checkpoint(path, NET, rename={"head": "fc"}, cast=True)
+    np.testing.assert_array_equal(reloaded["params"]["fc"]["bias"], NET["params"]["fc"]["bias"])
+
+
+def test_a_non_strict_save_writes_the_templates_values_and_returns_the_reports(tmp_path) -> None:
+    path = tmp_path / "ckpt.pth"
+    template = _Renamed()
+    reports = interop.save_checkpoint(
+        path, net=NET, ema_net=NET, torch_template=template, strict=False
+    )
+    assert list(reports) == ["net", "ema_net"]
+    assert reports["net"].missing == ("head.bias", "head.weight")
+    assert reports["net"].unexpected == ("params/fc/bias", "params/fc/kernel")
+    saved = torch.load(path, weights_only=True)
+    assert torch.equal(saved["ema_net"]["head.weight"], template.head.weight.detach())
+
+
+@pytest.mark.parametrize("name", ["which", "prefix", "template"])
+def test_an_extra_named_like_a_load_option_is_refused(tmp_path, name) -> None:
+    with pytest.raises(ValueError, match=f"save_checkpoint got {name}: options of load_checkpoint"):
+        interop.save_checkpoint(tmp_path / "ckpt.pth", net=NET, **{name: "teacher."})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ema_net_that_is_net_is_converted_once_and_stored_once(tmp_path) -> None:
+    path = tmp_path / "ckpt.pth"
+    interop.save_checkpoint(path, net=NET, ema_net=NET)
+    saved = torch.load(path, weights_only=True)
+    assert saved["net"]["fc.weight"].data_ptr() == saved["ema_net"]["fc.weight"].data_ptr()
+    assert torch.equal(saved["ema_net"]["fc.weight"], torch.ones(3, 2))
