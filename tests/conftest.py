@@ -9,6 +9,7 @@ import importlib.util
 import os
 import pathlib
 import pwd
+import re
 import tempfile
 
 import pytest
@@ -34,6 +35,26 @@ def shared_folder():
 
 
 TORCH_MISSING = importlib.util.find_spec("torch") is None
+TORCH_REASON = "needs torch, which is not installed (pip install 'jema[torch]')"
+IMPORTS_TORCH = re.compile(r"^(import torch|from torch|from tests\.interop_models)\b", re.M)
+LEFT_OUT: list[str] = []  # test modules built on torch, not collected without it
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Without torch, leave out the test modules that import it at the top (listed at the end)."""
+    path = pathlib.Path(collection_path)
+    test_module = path.suffix == ".py" and path.name.startswith("test_")
+    if TORCH_MISSING and test_module and IMPORTS_TORCH.search(path.read_text()):
+        LEFT_OUT.append(path.name)
+        return True
+    return None
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say which test modules were left out for want of torch, and why."""
+    if LEFT_OUT:
+        names = ", ".join(sorted(set(LEFT_OUT)))
+        terminalreporter.write_line(f"left out, {TORCH_REASON}: {names}")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,15 +62,14 @@ def pytest_collection_modifyitems(config, items):
     the doctests and notebooks that import it, saying so; the rest of the suite runs."""
     if not TORCH_MISSING:
         return
-    reason = "needs torch, which is not installed (pip install 'jema[torch]')"
     for item in items:
         if _uses_torch(item):
-            item.add_marker(pytest.mark.skip(reason=reason))
+            item.add_marker(pytest.mark.skip(reason=TORCH_REASON))
 
 
 def _uses_torch(item) -> bool:
     test = getattr(item, "dtest", None)
-    if test is not None:
-        return any("torch" in example.source for example in test.examples)
+    if test is not None:  # its examples, or the text around them, are about torch
+        return "torch" in (test.docstring or "") or any("torch" in e.source for e in test.examples)
     path = pathlib.Path(str(item.fspath))
     return path.suffix == ".ipynb" and "import torch" in path.read_text()

@@ -81,7 +81,7 @@ def test_a_hand_written_nnx_ema_is_jemas_constant():
 def timm_model_ema():
     """timm's own ``timm/utils/model_ema.py``, loaded alone (its package imports torchvision,
     which does not load beside the pinned torch; this file needs torch only)."""
-    pytest.importorskip("torch")
+    pytest.importorskip("torch", reason="timm's EMA runs on torch")
     spec = importlib.util.find_spec("timm")
     if spec is None or spec.submodule_search_locations is None:
         pytest.skip("timm is not installed (.ci/run installs it: pip install --no-deps timm)")
@@ -103,9 +103,9 @@ def timm_model_ema():
     ],
 )
 def test_timm_model_ema_v3_is_jemas_constant_or_warmup(timm_options, jema_options):
+    timm = timm_model_ema()
     import torch
 
-    timm = timm_model_ema()
     model = torch.nn.Linear(5, 1, bias=False)
     with torch.no_grad():
         model.weight.zero_()
