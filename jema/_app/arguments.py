@@ -32,6 +32,30 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def bench_parser(prog: str, description: str, repeats: int) -> Parser:
+    """The parser every benchmark starts from: ``--repeats``, ``--params``, ``--leaves``.
+
+    Args:
+      prog: the command, e.g. ``"jema bench"``.
+      description: its one-line description.
+      repeats: the default number of timed runs per row.
+
+    Returns:
+      The parser; a benchmark adds its own options.
+
+    Example:
+      >>> bench_parser("jema bench", "speed", 20).parse_args([]).params
+      25000000
+    """
+    parser = Parser(prog=prog, description=description)
+    parser.add_argument("--repeats", type=positive_int, default=repeats, help="timed runs per row")
+    parser.add_argument(
+        "--params", type=positive_int, default=25_000_000, help="total float32 weights"
+    )
+    parser.add_argument("--leaves", type=positive_int, default=100, help="number of leaves")
+    return parser
+
+
 def positive_int(text: str) -> int:
     """argparse type for counts such as ``--repeats``: an int of at least 1.
 

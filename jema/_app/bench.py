@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 import jema
-from jema._app.arguments import Parser, positive_int
+from jema._app.arguments import bench_parser
 
 DECAY = 0.9999
 DECAY_TYPE = "threshold"
@@ -445,12 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       0
     """
     description = __doc__.splitlines()[0]
-    parser = Parser(prog="jema bench", description=description)
-    parser.add_argument("--repeats", type=positive_int, default=20, help="timed runs per row")
-    parser.add_argument(
-        "--params", type=positive_int, default=25_000_000, help="total float32 weights"
-    )
-    parser.add_argument("--leaves", type=positive_int, default=100, help="number of leaves")
+    parser = bench_parser("jema bench", description, repeats=20)
     args = parser.parse_args(argv)
     run(repeats=args.repeats, params=args.params, leaves=args.leaves)
     return 0

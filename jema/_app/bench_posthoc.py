@@ -26,7 +26,7 @@ import optax
 
 import jema
 from jema import posthoc
-from jema._app.arguments import Parser, positive_int
+from jema._app.arguments import bench_parser, positive_int
 from jema._app.bench import (
     DECAY,
     DECAY_TYPE,
@@ -218,12 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       jema bench-posthoc: ...
       0
     """
-    parser = Parser(prog="jema bench-posthoc", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs per row")
-    parser.add_argument(
-        "--params", type=positive_int, default=25_000_000, help="total float32 weights"
-    )
-    parser.add_argument("--leaves", type=positive_int, default=100, help="number of leaves")
+    parser = bench_parser("jema bench-posthoc", __doc__.splitlines()[0], repeats=10)
     parser.add_argument(
         "--snapshots", type=positive_int, default=4, help="snapshots for the reconstruct rows"
     )

@@ -26,7 +26,7 @@ import optax
 from flax import linen as nn
 
 import jema
-from jema._app.arguments import Parser, positive_int
+from jema._app.arguments import bench_parser, positive_int
 from jema._app.bench import (
     DECAY,
     DECAY_TYPE,
@@ -255,14 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       | (g) EMA update, 8-device mesh | ... | collectives in the step: none |  |  |
       0
     """
-    parser = Parser(prog="jema bench-scale", description=__doc__)
-    parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs per row")
+    parser = bench_parser("jema bench-scale", __doc__.splitlines()[0], repeats=10)
     parser.add_argument("--width", type=positive_int, default=1536, help="MLP width for (e)")
     parser.add_argument("--batch", type=positive_int, default=64, help="batch size for (e)")
-    parser.add_argument(
-        "--params", type=positive_int, default=25_000_000, help="weights for (f), (g)"
-    )
-    parser.add_argument("--leaves", type=positive_int, default=100, help="leaves for (f), (g)")
     parser.add_argument("--sharded-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sharded_only:
