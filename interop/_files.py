@@ -11,6 +11,7 @@ import re
 import secrets
 import stat
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import safetensors
@@ -96,6 +97,9 @@ def save_safetensors(
 ) -> None:
     """Writes arrays and string metadata as a safetensors file, atomically (``write_atomic``).
 
+    Arrays that are views in another layout (a kernel transposed to PyTorch's) are made
+    contiguous on every core first.
+
     Args:
       path: the file to write.
       arrays: keys -> numpy arrays of dtypes in the table.
@@ -120,7 +124,9 @@ def save_safetensors(
                 f"{key!r} is {array.dtype}, which a safetensors file cannot hold; save it to a "
                 ".pth file (torch.save) instead"
             )
-    contiguous = {key: np.asarray(array, order="C") for key, array in arrays.items()}
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # numpy copies without the GIL
+        laid_out = pool.map(lambda array: np.asarray(array, order="C"), arrays.values())
+        contiguous = dict(zip(arrays, laid_out, strict=True))
     write_atomic(path, lambda temp: _save_file(contiguous, temp, dict(metadata)))
 
 

@@ -181,3 +181,30 @@ def test_ema_net_that_is_net_is_converted_once_and_stored_once(tmp_path) -> None
     saved = torch.load(path, weights_only=True)
     assert saved["net"]["fc.weight"].data_ptr() == saved["ema_net"]["fc.weight"].data_ptr()
     assert torch.equal(saved["ema_net"]["fc.weight"], torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_leaves_that_are_any_numpy_view_are_written_exactly(tmp_path, suffix) -> None:
+    """Kernels go to a ``.pth`` file as PyTorch-layout views of their memory (strided tensors,
+    no transposing copy); views that are not a whole array permuted (reversed, strided,
+    broadcast) are copied first, so every file holds exactly the values."""
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    net = {
+        "params": {
+            "fc": {"kernel": base[:, ::2], "bias": np.arange(3, dtype=np.float32)[::-1]},
+            "conv": {"kernel": np.broadcast_to(base[:1, :4], (3, 3, 2, 4))},
+            "head": {"kernel": base},
+        }
+    }
+    path = tmp_path / f"ckpt.{suffix}"
+    interop.save_checkpoint(path, net=net)
+    back = interop.load_checkpoint(path, net)
+    for module, leaves in net["params"].items():
+        for leaf, want in leaves.items():
+            np.testing.assert_array_equal(back["params"][module][leaf], want)
+    if suffix == "pth":
+        saved = torch.load(path, weights_only=True)["net"]
+        contiguous = interop.flax_to_torch(net)
+        assert all(torch.equal(saved[k], contiguous[k]) for k in contiguous)
+        assert saved["head.weight"].stride() == (1, 6)  # the kernel's own memory, transposed
+        assert saved["fc.weight"].is_contiguous() and saved["conv.weight"].is_contiguous()
