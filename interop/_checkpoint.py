@@ -134,9 +134,11 @@ def save_checkpoint(
 
     ``.safetensors`` paths get flat ``net.<key>``/``ema_net.<key>`` tensors with ``extra`` as
     JSON metadata, plus ``{"jema.sections": "net,ema_net"}`` (the sections written) so the file
-    reads back as sections even with ``net`` alone; they need no PyTorch. Anything else is a
-    ``torch.save`` dict ``{"net", "ema_net", **extra}`` that ``torch.load(weights_only=True)``
-    reads: numpy/jax scalars in ``extra`` become Python numbers and arrays become tensors.
+    reads back as sections even with ``net`` alone, and ``jema.tied`` naming tied keys (stored
+    twice: the format cannot share) so they read back as one; they need no PyTorch. Anything
+    else is a ``torch.save`` dict ``{"net", "ema_net", **extra}`` that
+    ``torch.load(weights_only=True)`` reads: numpy/jax scalars in ``extra`` become Python
+    numbers and arrays become tensors.
     Its kernels are PyTorch-layout views of the Flax arrays' memory, written without a
     transposing copy: ``torch.load`` gives them with those strides (not contiguous), and
     ``load_state_dict`` copies them as it copies any tensor. ``ema_net`` that is ``net`` is
@@ -169,8 +171,9 @@ def save_checkpoint(
       ImportError: for a ``torch.save`` path (or an ``nn.Module`` template) when PyTorch is
         not installed, before anything is converted.
       ValueError: listing mismatches against the template (strict); for a safetensors path,
-        when ``extra`` has the reserved key ``jema.sections``; naming an ``extra`` called like
-        an option of ``load_checkpoint`` (``which``, ``prefix``, ``template``).
+        when ``extra`` has a reserved key (``jema.sections``, ``jema.tied``); naming an
+        ``extra`` called like an option of ``load_checkpoint`` (``which``, ``prefix``,
+        ``template``).
       TypeError: naming the key, before anything is written, for ``extra`` values that a
         safetensors file cannot hold as JSON or that ``torch.load(weights_only=True)`` would not
         load back (e.g. ``object()``), and for complex128 arrays in a safetensors file.

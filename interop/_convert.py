@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from interop._dtypes import as_numpy, is_array, numpy_dtype, to_torch
-from interop._layouts import is_torch_only, torch_shapes
-from interop._match import Pairing, Unit, pair, units
+from interop._layouts import torch_shapes
+from interop._leftovers import conflicts, sort_leftovers
+from interop._match import Unit, pair, units
 from interop._names import Rename, match_key, usable_names
 from interop._report import Converted, Problems, few
-from interop._ties import identity, same_bits, ties
 from interop._torch import is_module, require
 from interop._tree import Flat, flatten
 from interop._types import StateDict, TorchTemplate, Variables
@@ -66,8 +66,10 @@ def torch_to_flax(
     """Fills a Flax template from a PyTorch state_dict; the inputs are left untouched.
 
     Each Flax leaf is looked for under its default PyTorch name: the module path joined by dots
-    (linen ``layers_0`` and nnx index ``0`` both give ``layers.0``), ``kernel``/``scale``/
-    ``embedding`` as ``weight`` and ``mean``/``var`` as ``running_mean``/``running_var``. An
+    (linen ``layers_0`` and nnx index ``0`` both give ``layers.0``), then the leaf's own name
+    as it is (``gamma_1``), ``kernel``/``scale``/``embedding`` as ``weight`` and ``mean``/
+    ``var`` as ``running_mean``/``running_var``; weight norm's ``weight_g``/``weight_v`` and
+    ``parametrizations.weight.original0``/``original1`` find each other. An
     ``nnx.Sequential`` keeps its children in a list ``layers`` that PyTorch's ``nn.Sequential``
     does not have; in an nnx Module template that part is left out, so ``self.layers =
     nnx.Sequential(...)`` gives ``layers.0.weight`` as ``self.layers = nn.Sequential(...)`` does.
@@ -78,6 +80,11 @@ def torch_to_flax(
     layers on the parent as ``Dense_0``, ``BatchNorm_0``, ``Dense_1`` (each type numbered on its
     own, no ``layers`` part): name them as PyTorch does, ``nn.Dense(8, name="layers_0")``, or
     pass one rename rule per layer, e.g. ``{r"^layers\\.0\\.": "Dense.0."}``.
+
+    A key no leaf takes is no mismatch when it is tied to a key that was taken (the same
+    tensor, or equal values where a file lost the sharing: a GPT-2 ``lm_head.weight``) or is a
+    tensor only PyTorch stores (``num_batches_tracked``, integer index tables and masks,
+    sinusoidal position tables); the report notes both.
 
     Args:
       state_dict: PyTorch names -> tensors, or numpy arrays (e.g. read from a safetensors file
@@ -111,7 +118,7 @@ def torch_to_flax(
     _check_order(match_by_order, flat.ordered)
     pairing = pair(flat.leaves, _usable(state_dict, prefix), rename, match_by_order)
     problems = Problems()
-    _leftovers(pairing, state_dict, frozenset(), problems, problems.unexpected)
+    sort_leftovers(pairing, state_dict, frozenset(), problems, problems.unexpected)
     values = [leaf.value for leaf in flat.leaves]
     index = {id(leaf): i for i, leaf in enumerate(flat.leaves)}
     for unit, needs in pairing.lacking:
@@ -156,8 +163,10 @@ def flax_to_torch(
     an ``nnx.Sequential`` in an nnx Module left out; ``kernel``/``scale``/``embedding``
     become ``weight``, ``mean``/``var`` become ``running_mean``/``running_var``, and each
     BatchNorm gets ``num_batches_tracked = 0``. With a template, the result has exactly its keys,
-    order and dtypes, and its ``num_batches_tracked`` buffers, so strict ``load_state_dict``
-    succeeds.
+    order and dtypes: tied keys (a GPT-2 ``lm_head.weight``) hold their source's new tensor, and
+    tensors only PyTorch stores (``num_batches_tracked``, a module's buffers, sinusoidal
+    position tables) the template's values, so a strict ``load_state_dict`` gives the converted
+    model. Tied keys that would get different values are a mismatch (``conflicts``).
 
     Args:
       variables: linen variables, an nnx model or state, or a mapping of names to those
@@ -176,8 +185,9 @@ def flax_to_torch(
       strict).
 
     Raises:
-      ValueError: listing every missing, unexpected, mis-shaped or mis-typed key (strict);
-        naming ``rename`` or ``match_by_order`` when given without a template.
+      ValueError: listing every missing, unexpected, mis-shaped, mis-typed or conflicting key
+        (strict); naming ``rename`` or ``match_by_order`` when given without a template; naming
+        two leaves whose default names load back as one (no template).
       TypeError: for inputs of the wrong kind.
       ImportError: when PyTorch is not installed.
 
@@ -265,7 +275,7 @@ def state_dict(
     template, buffers = _template_state_dict(torch_template)
     pairing = pair(flat.leaves, _usable(template), rename, match_by_order)
     problems = Problems()
-    tied = _leftovers(pairing, template, buffers, problems, problems.missing)
+    tied = sort_leftovers(pairing, template, buffers, problems, problems.missing)
     problems.unexpected += [leaf.label for unit, _ in pairing.lacking for leaf in unit.leaves]
     produced: dict[str, np.ndarray] = {}
     for unit, keys in pairing.found:
@@ -275,47 +285,12 @@ def state_dict(
             if converted is not None:
                 produced[key] = converted
     produced.update((alias, produced[s]) for alias, s in tied.items() if s in produced)
-    problems.conflicts += _conflicts(produced, template)
+    problems.conflicts += conflicts(produced, template)
     out = OrderedDict(
         (key, produced[key] if key in produced else as_numpy(value))
         for key, value in template.items()
     )
     return problems.finish(out, strict, "the Flax variables")
-
-
-def _leftovers(
-    pairing: Pairing,
-    state_dict: StateDict,
-    buffers: frozenset[str],
-    problems: Problems,
-    rest: list[str],
-) -> dict[str, str]:
-    """Sorts the keys no Flax leaf took into ties and PyTorch-only tensors (notes) and the
-    rest (``rest``: unexpected when loading, missing when saving); returns alias -> source."""
-    sources = [key for _, keys in pairing.found for key in keys]
-    tied = ties(pairing.unused, sources, state_dict)
-    problems.tied += [f"{alias}: tied to {source} ({how})" for alias, (source, how) in tied.items()]
-    for key in pairing.unused:
-        if key not in tied and is_torch_only(key, state_dict[key], key in buffers):
-            problems.torch_only.append(key)
-        elif key not in tied:
-            rest.append(key)
-    return {alias: source for alias, (source, _) in tied.items()}
-
-
-def _conflicts(produced: Mapping[str, np.ndarray], template: StateDict) -> list[str]:
-    """Keys of one tensor in the template (tied) whose new values differ: ``load_state_dict``
-    would keep whichever it copies last."""
-    groups: dict[Any, list[str]] = {}
-    for key in produced:
-        found = identity(template[key])
-        if found is not None:
-            groups.setdefault(found, []).append(key)
-    return [
-        f"{', '.join(keys)}: one tensor in the template (tied), different values from Flax"
-        for keys in groups.values()
-        if any(not same_bits(produced[k], produced[keys[0]]) for k in keys[1:])
-    ]
 
 
 def _check_order(match_by_order: bool, ordered: bool) -> None:

@@ -11,10 +11,12 @@ Each entry names a Flax module's leaves (relative paths), the PyTorch tensors th
   ``bias`` <-> ``bias``, BatchNorm ``mean``/``var`` <-> ``running_mean``/``running_var``.
 - Multi-head attention: Flax ``query``/``key``/``value`` kernels (E, H, D) and ``out`` (H, D, E)
   <-> PyTorch's packed ``in_proj_weight`` (3E, E) and ``out_proj.weight`` (E, E), with biases.
-- Any other leaf keeps its name and values (a bare ``nn.Parameter`` such as ``cls_token``).
+- Any other leaf keeps its name and values (a bare ``nn.Parameter`` such as ``cls_token``, a
+  layer-scale ``gamma_1``, weight norm's ``weight_g``/``weight_v`` in either spelling).
 
 PyTorch buffers with no Flax twin (BatchNorm's ``num_batches_tracked``) belong to the entry
-whose module has them, with the value a new state_dict gives them; they stay on the PyTorch side.
+whose module has them, with the value a new state_dict gives them; they stay on the PyTorch side,
+as do the other tensors ``is_torch_only`` tells by value (index tables, masks, sinusoids).
 """
 
 from __future__ import annotations
@@ -143,9 +145,10 @@ def is_torch_only(key: str, value: Any = None, buffer: bool = False) -> bool:
     name = key.rsplit(".", 1)[-1]
     if name in _TORCH_ONLY or (buffer and name not in _TWINNED):
         return True
-    if value is None:
+    try:
+        array = as_numpy(value)
+    except TypeError:  # no value, or none numpy can hold (a meta or sparse tensor)
         return False
-    array = as_numpy(value)
     return array.dtype.kind in "biu" or _sinusoidal(array)
 
 
@@ -155,19 +158,20 @@ def _sinusoidal(table: np.ndarray) -> bool:
     satisfies ``x[p + 1] + x[p - 1] = 2 cos(w) x[p]``. The table must reach 1 (a cosine column
     at p = 0) and some column must swing by at least 1, so neither a small learned embedding nor
     a constant is taken for one."""
-    if table.ndim != 2 or table.shape[0] < 4 or table.dtype.kind not in "fV":
+    if table.ndim != 2 or table.shape[0] < 4 or not table.size or table.dtype.kind not in "fV":
         return False
     try:
         x = table.astype(np.float64)
     except (TypeError, ValueError):
         return False
-    if not (np.isfinite(x).all() and 0.99 <= np.abs(x).max() <= 1.01 and np.ptp(x, 0).max() >= 1):
+    reach, swing = np.max(np.abs(x)), np.max(np.ptp(x, axis=0))
+    if not (np.isfinite(x).all() and 0.99 <= reach <= 1.01 and swing >= 1):
         return False
     mid, outer = x[1:-1], x[2:] + x[:-2]
     ratio = (outer * mid).sum(0) / np.maximum((mid * mid).sum(0), 1e-300)
     # Rounding to the dtype, plus the phase drift of a table computed in float32 (p * w).
     tolerance = 8 * float(ml_dtypes.finfo(table.dtype).eps) + 4e-7 * table.shape[0]
-    return bool(np.abs(outer - ratio * mid).max() <= tolerance)
+    return bool(np.max(np.abs(outer - ratio * mid)) <= tolerance)
 
 
 def for_leaf(name: str) -> Layout:

@@ -1,8 +1,10 @@
 """SuperGradients' checkpoint schema: the ``net`` and ``ema_net`` sections, bare state_dicts,
-and, in safetensors files, ``<section>.<key>`` names and the ``jema.sections`` marker."""
+and, in safetensors files, ``<section>.<key>`` names, the ``jema.sections`` marker and the
+``jema.tied`` record of tied keys (the format cannot share a tensor between keys)."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -11,6 +13,7 @@ import numpy as np
 
 from interop._dtypes import is_array
 from interop._files import is_safetensors, read_safetensors
+from interop._leftovers import same_bits
 from interop._names import all_under
 from interop._pth import read_pth
 from interop._report import few
@@ -18,6 +21,7 @@ from interop._report import few
 SECTIONS = ("net", "ema_net")
 BARE = "state_dict"  # what ``sections`` calls a bare state_dict
 MARKER = "jema.sections"  # safetensors metadata: the sections ``to_safetensors`` wrote
+TIES = "jema.tied"  # safetensors metadata: JSON {alias key: source key} of keys holding one array
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:
@@ -56,6 +60,15 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     if not is_safetensors(path):
         return read_pth(path)
     content, metadata = read_safetensors(path)
+    try:
+        tied = json.loads(metadata.get(TIES, "{}"))
+        for alias, source in tied.items():  # one array again, where the bits still agree
+            if same_bits(content.get(alias), content.get(source)):
+                content[alias] = content[source]
+    except (ValueError, AttributeError, TypeError) as e:
+        raise ValueError(
+            f"{os.fspath(path)}: metadata {TIES!r} must be a JSON object of key -> key ({e})"
+        ) from e
     heads = [key.partition(".") for key in content]
     if MARKER in metadata:
         listed = [s for s in metadata[MARKER].split(",") if s]
@@ -85,7 +98,9 @@ def to_safetensors(
     """Sections as one flat safetensors dict, and the metadata with the section marker.
 
     The marker ``{"jema.sections": "net,ema_net"}`` (the sections written) lets
-    ``read_checkpoint`` split the file into sections even when only ``net`` is there.
+    ``read_checkpoint`` split the file into sections even when only ``net`` is there. Keys of a
+    section that hold one array (tied keys, as ``flax_to_torch`` fills them) are recorded under
+    ``jema.tied``, so that ``read_checkpoint`` gives them one array again.
 
     Args:
       sections: section names (``net``, ``ema_net``) -> state_dicts.
@@ -96,19 +111,29 @@ def to_safetensors(
 
     Raises:
       ValueError: when ``sections`` names something other than ``net``/``ema_net``, or
-        ``metadata`` has the key ``jema.sections``.
+        ``metadata`` has the key ``jema.sections`` or ``jema.tied``.
 
     Example:
-      >>> to_safetensors({"net": {"w": np.ones(1)}}, {"epoch": "1"})
-      ({'net.w': array([1.])}, {'epoch': '1', 'jema.sections': 'net'})
+      >>> w = np.ones(2)
+      >>> to_safetensors({"net": {"w": w, "head": w}}, {"epoch": "1"})[1]
+      {'epoch': '1', 'jema.sections': 'net', 'jema.tied': '{"net.head": "net.w"}'}
     """
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f"sections must be out of {list(SECTIONS)}; got {unknown}")
-    if MARKER in metadata:
-        raise ValueError(f"metadata key {MARKER!r} is reserved for the section list; rename it")
-    flat = {f"{s}.{k}": t for s, sd in sections.items() for k, t in sd.items()}
-    return flat, {**metadata, MARKER: ",".join(sections)}
+    reserved = [key for key in (MARKER, TIES) if key in metadata]
+    if reserved:
+        raise ValueError(f"metadata key {reserved[0]!r} is reserved for interop; rename it")
+    flat, tied = {}, {}
+    for section, state_dict in sections.items():
+        first: dict[int, str] = {}  # id of an array -> the first key holding it
+        for key, array in state_dict.items():
+            flat[f"{section}.{key}"] = array
+            source = first.setdefault(id(array), key)
+            if source != key:
+                tied[f"{section}.{key}"] = f"{section}.{source}"
+    out = {**metadata, MARKER: ",".join(sections)}
+    return flat, out | {TIES: json.dumps(tied)} if tied else out
 
 
 def sections(

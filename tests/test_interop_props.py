@@ -302,3 +302,15 @@ def test_any_tree_interop_writes_loads_back_into_itself_bit_exact(tmp_path_facto
         back = interop.load_checkpoint(path, tree, which=which)
         assert jax.tree.structure(back) == jax.tree.structure(tree)
         assert all(map(_same_bits, jax.tree.leaves(back), leaves))
+
+
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_tensor_names_ending_in_digits_keep_them_and_load_back(tmp_path, suffix) -> None:
+    """The issue's case: a layer-scale ``gamma_1`` is a name, not a list index (``blocks_0``
+    is one); what interop writes, it loads back, strictly."""
+    tree = {"params": {"blk": {"gamma_1": jnp.ones(4)}, "blocks_0": {"lambda_2": jnp.zeros(2)}}}
+    assert list(interop.flax_to_torch(tree)) == ["blk.gamma_1", "blocks.0.lambda_2"]
+    path = tmp_path / f"ckpt.{suffix}"
+    interop.save_checkpoint(path, net=tree)
+    back = interop.load_checkpoint(path, tree)
+    assert all(map(_same_bits, jax.tree.leaves(back), jax.tree.leaves(tree)))

@@ -58,9 +58,9 @@ def test_the_alias_is_written_from_its_source_not_the_templates_stale_value() ->
     assert interop.flax_to_torch(variables, fresh, strict=False).report.tied == NOTES["tied"]
 
 
-def test_a_saved_pth_keeps_the_tie_and_a_safetensors_file_loads_by_equal_values(tmp_path) -> None:
+def test_saved_files_keep_the_tie_and_a_file_that_lost_it_loads_by_equal_values(tmp_path) -> None:
     variables = _random_flax()
-    for suffix, how in (("pth", "same tensor"), ("safetensors", "equal values")):
+    for suffix in ("pth", "safetensors"):
         path = tmp_path / f"tied.{suffix}"
         interop.save_checkpoint(path, net=variables, torch_template=TorchTiedLM())
         if suffix == "pth":
@@ -70,10 +70,12 @@ def test_a_saved_pth_keeps_the_tie_and_a_safetensors_file_loads_by_equal_values(
             keys = {f"net.{k}" for k in TorchTiedLM().state_dict()}
             assert set(safetensors.torch.load_file(path)) == keys
         result = interop.load_checkpoint(path, TEMPLATE, strict=False)
-        assert result.report.ok
-        assert result.report.tied == (f"head.weight: tied to embed.weight ({how})",)
-        for leaf in jax.tree.leaves(jax.tree.map(np.array_equal, result.value, variables)):
-            assert leaf
+        assert result.report.ok and result.report.tied == NOTES["tied"]
+        assert all(jax.tree.leaves(jax.tree.map(np.array_equal, result.value, variables)))
+    lost = {k: v.clone() for k, v in interop.flax_to_torch(variables, TorchTiedLM()).items()}
+    safetensors.torch.save_file(lost, tmp_path / "lost.safetensors")
+    report = interop.load_checkpoint(tmp_path / "lost.safetensors", TEMPLATE, strict=False).report
+    assert report.ok and report.tied == ("head.weight: tied to embed.weight (equal values)",)
 
 
 def test_tied_keys_given_different_values_are_a_conflict() -> None:
@@ -123,3 +125,37 @@ def test_buffers_are_torch_only_with_a_module_template_only_when_no_layout_claim
     report = interop.flax_to_torch(_random_flax(), model, strict=False).report
     assert report.missing == ("bn.bias", "bn.running_mean", "bn.running_var", "bn.weight")
     assert report.torch_only[-1] == "scale" and "bn.num_batches_tracked" in report.torch_only
+
+
+def test_leftovers_without_dense_data_are_unexpected_not_a_crash() -> None:
+    state_dict = {**TorchTiedLM().state_dict(), "meta": torch.empty(2, device="meta")}
+    state_dict["sparse"] = torch.ones(3).to_sparse()
+    state_dict["empty_table"] = torch.zeros(5, 0)
+    report = interop.torch_to_flax(state_dict, TEMPLATE, strict=False).report
+    assert report.unexpected == ("empty_table", "meta", "sparse")
+
+
+def test_our_safetensors_files_record_ties_so_constant_ones_load_strictly(tmp_path) -> None:
+    """A tie of all-equal values (a fresh zero bias) is no evidence by value; interop's own
+    safetensors files name their ties (``jema.tied``), so they read back as one tensor."""
+    variables = _random_flax()
+    variables["params"]["embed"]["embedding"] = np.zeros((20, 16), np.float32)
+    path = tmp_path / "tied.safetensors"
+    interop.save_checkpoint(path, net=variables, torch_template=TorchTiedLM())
+    report = interop.load_checkpoint(path, TEMPLATE, strict=False).report
+    assert report.ok and report.tied == NOTES["tied"]
+    flat = safetensors.torch.load_file(path)
+    flat["net.head.weight"] = torch.ones(20, 16)  # the record no longer holds: not a tie
+    safetensors.torch.save_file(
+        flat,
+        path,
+        metadata={"jema.tied": '{"net.head.weight": "net.embed.weight"}', "jema.sections": "net"},
+    )
+    assert interop.load_checkpoint(path, TEMPLATE, strict=False).report.unexpected == (
+        "head.weight",
+    )
+    safetensors.torch.save_file(flat, path, metadata={"jema.tied": "[1]"})
+    with pytest.raises(
+        ValueError, match="metadata 'jema.tied' must be a JSON object of key -> key"
+    ):
+        interop.load_checkpoint(path, TEMPLATE)

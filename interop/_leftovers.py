@@ -1,6 +1,10 @@
-"""Tied weights: PyTorch keys that name one tensor (a GPT-2 ``lm_head.weight`` and its
-``transformer.wte.weight``; BART's ``shared``, ``encoder.embed_tokens`` and
-``decoder.embed_tokens``), found by shared memory, or by equal bits where a file lost it."""
+"""PyTorch keys no Flax leaf took: ties, PyTorch-only tensors, and the rest.
+
+Tied keys name one tensor (a GPT-2 ``lm_head.weight`` and its ``transformer.wte.weight``;
+BART's ``shared``, ``encoder.embed_tokens`` and ``decoder.embed_tokens``), found by shared
+memory, or by equal bits where a file lost it. PyTorch-only tensors are those
+``_layouts.is_torch_only`` names. Both are notes in a report; the rest are mismatches.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,10 @@ from typing import Any
 import numpy as np
 
 from interop._dtypes import as_numpy
+from interop._layouts import is_torch_only
+from interop._match import Pairing
+from interop._report import Problems
+from interop._types import StateDict
 
 Identity = tuple[int, tuple[int, ...], tuple[int, ...], str]
 
@@ -125,3 +133,75 @@ def _bytes(array: np.ndarray) -> np.ndarray:
 def _varies(array: np.ndarray) -> bool:
     rows = _bytes(array)
     return bool(len(rows) > 1 and (rows != rows[0]).any())
+
+
+def sort_leftovers(
+    pairing: Pairing,
+    state_dict: StateDict,
+    buffers: frozenset[str],
+    problems: Problems,
+    rest: list[str],
+) -> dict[str, str]:
+    """Sorts the keys no Flax leaf took into ties and PyTorch-only tensors, noted in
+    ``problems``, and the rest.
+
+    Args:
+      pairing: what ``pair`` found.
+      state_dict: the PyTorch side (a state_dict loaded, or the template saved into).
+      buffers: which keys are a module's buffers (empty when unknown).
+      problems: where the notes go (``tied``, ``torch_only``).
+      rest: where the other keys go (``problems.unexpected`` loading, ``missing`` saving).
+
+    Returns:
+      Each tied key -> the key it is tied to.
+
+    Example:
+      >>> from interop._match import pair
+      >>> from interop._tree import flatten
+      >>> w = np.arange(6.0).reshape(2, 3)
+      >>> leaves = flatten({"params": {"wte": {"embedding": w}}}).leaves
+      >>> pairing = pair(leaves, {k: k for k in ("wte.weight", "head.weight", "x.bias")})
+      >>> problems = Problems()
+      >>> sort_leftovers(pairing, {"wte.weight": w, "head.weight": w, "x.bias": np.ones(2)},
+      ...                frozenset(), problems, problems.unexpected)
+      {'head.weight': 'wte.weight'}
+      >>> problems.tied, problems.unexpected
+      (['head.weight: tied to wte.weight (same tensor)'], ['x.bias'])
+    """
+    sources = [key for _, keys in pairing.found for key in keys]
+    tied = ties(pairing.unused, sources, state_dict)
+    problems.tied += [f"{alias}: tied to {source} ({how})" for alias, (source, how) in tied.items()]
+    for key in pairing.unused:
+        if key not in tied and is_torch_only(key, state_dict[key], key in buffers):
+            problems.torch_only.append(key)
+        elif key not in tied:
+            rest.append(key)
+    return {alias: source for alias, (source, _) in tied.items()}
+
+
+def conflicts(produced: Mapping[str, np.ndarray], template: StateDict) -> list[str]:
+    """Keys of one tensor in the template (tied) that are to get different values, of which
+    ``load_state_dict`` would keep whichever it copies last.
+
+    Args:
+      produced: the keys converted from Flax -> their new values.
+      template: the state_dict they go into.
+
+    Returns:
+      One line per such group of keys.
+
+    Example:
+      >>> w = np.zeros(3)
+      >>> conflicts({"a": np.ones(3), "b": np.zeros(3)}, {"a": w, "b": w})
+      ['a, b: one tensor in the template (tied), different values from Flax']
+    """
+    groups: dict[Identity, list[str]] = {}
+    for key in produced:
+        found = identity(template[key])
+        if found is not None:
+            groups.setdefault(found, []).append(key)
+    return [
+        f"{', '.join(keys)}: one tensor in the template (tied), different values from Flax"
+        for keys in groups.values()
+        if any(not same_bits(produced[k], produced[keys[0]]) for k in keys[1:])
+    ]
