@@ -1,9 +1,10 @@
-"""The ``jema`` command line: ``demo``, ``bench``, ``bench-scale``, ``bench-posthoc``,
-``inspect CKPT``, ``posthoc DIR``."""
+"""The ``jema`` command line: ``demo``, ``inspect CKPT``, ``posthoc DIR`` and the benchmarks
+``bench``, ``bench-scale``, ``bench-posthoc``, ``bench-interop``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 from collections.abc import Sequence
@@ -13,10 +14,20 @@ from jema._app.arguments import Parser, non_negative_int, output_folder, positiv
 from jema._app.demo import DemoConfig
 from jema._app.posthoc_cli import sigma_rel
 
-BENCHMARKS = {
-    "bench": "measure the EMA update's speed (prints a table)",
-    "bench-scale": "measure a train step, sparse and sharded updates (prints a table)",
-    "bench-posthoc": "measure power_ema's fused update and reconstruct (prints a table)",
+BENCHMARKS = {  # command: (module with a main(argv), help)
+    "bench": ("jema._app.bench", "measure the EMA update's speed (prints a table)"),
+    "bench-scale": (
+        "jema._app.bench_scale",
+        "measure a train step, sparse and sharded updates (prints a table)",
+    ),
+    "bench-posthoc": (
+        "jema._app.bench_posthoc",
+        "measure power_ema's fused update and reconstruct (prints a table)",
+    ),
+    "bench-interop": (
+        "jema._app.bench_interop",
+        "measure interop's saves and loads against torch's (prints a table)",
+    ),
 }
 
 
@@ -40,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command")
 
-    for name, help_text in BENCHMARKS.items():
+    for name, (_, help_text) in BENCHMARKS.items():
         commands.add_parser(name, help=f"{help_text}; see jema {name} --help", add_help=False)
 
     inspect = commands.add_parser("inspect", help="describe a PyTorch/safetensors checkpoint")
@@ -79,18 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     posthoc.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "bench":
-        from jema._app.bench import main as bench_main
-
-        return bench_main(argv[1:])
-    if argv and argv[0] == "bench-scale":
-        from jema._app.bench_scale import main as bench_scale_main
-
-        return bench_scale_main(argv[1:])
-    if argv and argv[0] == "bench-posthoc":
-        from jema._app.bench_posthoc import main as bench_posthoc_main
-
-        return bench_posthoc_main(argv[1:])
+    if argv and argv[0] in BENCHMARKS:  # each benchmark parses its own options
+        benchmark = importlib.import_module(BENCHMARKS[argv[0]][0])
+        return benchmark.main(argv[1:])
     args = parser.parse_args(argv)
     if args.version:
         print(version_report())
@@ -105,9 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.sigma_rel is not None and not args.out:
             posthoc.error("--sigma-rel needs --out FILE (.pth or .safetensors)")
         return _posthoc(args)
-    parser.error(
-        "a command is required: demo, bench, bench-scale, bench-posthoc, inspect or posthoc"
-    )
+    parser.error(f"a command is required: demo, inspect, posthoc or one of {', '.join(BENCHMARKS)}")
 
 
 def _demo(args: argparse.Namespace) -> int:

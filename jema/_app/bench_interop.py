@@ -1,0 +1,151 @@
+"""(i) interop's checkpoint files against ``torch.save``/``torch.load`` of the same weights.
+
+Run ``python -m jema bench-interop`` (or ``jema bench-interop``). On ``--megabytes`` of float32
+conv and dense kernels it prints a markdown table: ``torch.save`` of the state_dict (fsynced,
+the reference), ``interop.save_checkpoint`` of the Flax tree to ``.pth`` (target: at most
+1.25x the reference) and to ``.safetensors``, then ``torch.load(mmap=True)`` with the
+transposing copy each kernel needs (the load reference) and ``interop.load_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jema._app.arguments import Parser, positive_int
+from jema._app.bench import Case, Row, format_table, time_cases
+
+GOAL = 1.25  # save_checkpoint(.pth) against torch.save, fsynced both
+
+
+def flax_tree(megabytes: int) -> dict[str, Any]:
+    """Float32 conv (3, 3, 256, 512) and dense (1024, 4096) kernels, alternating, to the size.
+
+    Args:
+      megabytes: the tree's size in MB (at least one layer).
+
+    Returns:
+      ``{"params": {"layer_i": {"kernel": ...}}}`` of jax arrays.
+
+    Example:
+      >>> flax_tree(1)["params"]["layer_0"]["kernel"].shape
+      (3, 3, 256, 512)
+    """
+    rng = np.random.default_rng(0)
+    layers, size, i = {}, 0, 0
+    while size == 0 or size < megabytes * 1e6:
+        shape = (3, 3, 256, 512) if i % 2 == 0 else (1024, 4096)
+        kernel = rng.standard_normal(shape, dtype=np.float32)
+        layers[f"layer_{i}"] = {"kernel": jnp.asarray(kernel)}
+        size, i = size + kernel.nbytes, i + 1
+    return {"params": layers}
+
+
+def measure(megabytes: int, repeats: int, folder: str) -> list[Row]:
+    """Time the (i) rows in ``folder``.
+
+    Args:
+      megabytes: the weights' size.
+      repeats: timed runs per row.
+      folder: where the files go.
+
+    Returns:
+      The rows: saves (reference first), then loads (reference first).
+
+    Example:
+      >>> import tempfile
+      >>> [row.name[:3] for row in measure(1, 1, tempfile.mkdtemp())]
+      ['(i)', '(i)', '(i)', '(i)', '(i)']
+    """
+    import torch
+
+    import interop
+
+    tree = flax_tree(megabytes)
+    state_dict = interop.flax_to_torch(tree)
+    paths = {kind: os.path.join(folder, f"bench.{kind}") for kind in ("pt", "pth", "safetensors")}
+
+    def torch_save(carry: Any) -> Any:
+        torch.save({"net": state_dict}, paths["pt"])
+        descriptor = os.open(paths["pt"], os.O_RDONLY)
+        os.fsync(descriptor)
+        os.close(descriptor)
+        return carry
+
+    def torch_load(carry: Any) -> Any:
+        loaded = torch.load(paths["pt"], mmap=True, weights_only=True)["net"]
+        for tensor in loaded.values():
+            array = tensor.numpy()
+            axes = (*range(2, array.ndim), 1, 0) if array.ndim > 1 else (0,)
+            np.ascontiguousarray(array.transpose(axes))
+        return carry
+
+    saves = [
+        Case("(i) torch.save of the state_dict, fsynced", torch_save, None),
+        Case(
+            "(i) interop.save_checkpoint, .pth",
+            lambda c: interop.save_checkpoint(paths["pth"], net=tree),
+            None,
+        ),
+        Case(
+            "(i) interop.save_checkpoint, .safetensors",
+            lambda c: interop.save_checkpoint(paths["safetensors"], net=tree),
+            None,
+        ),
+    ]
+    seconds = time_cases(saves, repeats, warmup=1)
+    loads = [
+        Case("(i) torch.load(mmap) + transposing copies", torch_load, None),
+        Case(
+            "(i) interop.load_checkpoint, .pth",
+            lambda c: interop.load_checkpoint(paths["pth"], tree),
+            None,
+        ),
+    ]
+    seconds |= time_cases(loads, repeats, warmup=1)
+    return _rows(seconds, megabytes)
+
+
+def _rows(seconds: dict[str, float], megabytes: int) -> list[Row]:
+    names = list(seconds)
+    save_ref, load_ref = seconds[names[0]], seconds[names[3]]
+    rows = []
+    for i, name in enumerate(names):
+        reference = save_ref if i < 3 else load_ref
+        ratio = seconds[name] / reference
+        rate = f"{megabytes / 1e3 / seconds[name]:.2f} GB/s, {ratio:.2f}x reference"
+        if i == 1:
+            rows.append(
+                Row(name, 1e3 * seconds[name], rate, f"<= {GOAL}x torch.save", ratio <= GOAL)
+            )
+        else:
+            rows.append(Row(name, 1e3 * seconds[name], rate))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m jema bench-interop [--repeats N] [--megabytes M]``.
+
+    Args:
+      argv: the arguments; None reads ``sys.argv``.
+
+    Returns:
+      The exit status (0).
+
+    Example:
+      >>> main(["--repeats", "1", "--megabytes", "1"])  # doctest: +ELLIPSIS
+      | row | ms | ...
+      0
+    """
+    parser = Parser(prog="jema bench-interop", description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per row")
+    parser.add_argument("--megabytes", type=positive_int, default=360, help="size of the weights")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        print(format_table(measure(args.megabytes, args.repeats, folder)))
+    return 0
