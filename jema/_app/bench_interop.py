@@ -9,7 +9,9 @@ transposing copy each kernel needs (the load reference) and ``interop.load_check
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -47,7 +49,7 @@ def flax_tree(megabytes: int) -> dict[str, Any]:
 
 
 def measure(megabytes: int, repeats: int, folder: str) -> list[Row]:
-    """Time the (i) rows in ``folder``.
+    """Time the (i) rows in ``folder``; needs torch (the reference rows run it).
 
     Args:
       megabytes: the weights' size.
@@ -129,13 +131,13 @@ def _rows(seconds: dict[str, float], megabytes: int) -> list[Row]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jema bench-interop [--repeats N] [--megabytes M]``.
+    """``python -m jema bench-interop [--repeats N] [--megabytes M]``; needs torch.
 
     Args:
       argv: the arguments; None reads ``sys.argv``.
 
     Returns:
-      The exit status (0).
+      The exit status: 0, or 1 without torch (one line on stderr).
 
     Example:
       >>> main(["--repeats", "1", "--megabytes", "1"])  # doctest: +ELLIPSIS
@@ -146,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per row")
     parser.add_argument("--megabytes", type=positive_int, default=360, help="size of the weights")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("torch") is None:
+        print('jema bench-interop compares with torch: pip install "jema[torch]"', file=sys.stderr)
+        return 1
     with tempfile.TemporaryDirectory() as folder:
         print(format_table(measure(args.megabytes, args.repeats, folder)))
     return 0
