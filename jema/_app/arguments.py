@@ -6,6 +6,8 @@ import argparse
 import os
 from typing import NoReturn
 
+from jema._power import SIGMA_REL_MAX, _check_sigma_rel
+
 
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose usage errors are one line on stderr, exit status 2.
@@ -137,3 +139,27 @@ def _int_at_least(text: str, least: int, what: str) -> int:
     if value < least:
         raise argparse.ArgumentTypeError(f"must be {what}; got {text!r}")
     return value
+
+
+def sigma_rel(text: str) -> float:
+    """argparse type for ``--sigma-rel``: a width in (0, 1/√12).
+
+    Args:
+      text: the command-line value.
+
+    Returns:
+      The width.
+
+    Raises:
+      argparse.ArgumentTypeError: for anything else, naming the value.
+
+    Example:
+      >>> sigma_rel("0.07")
+      0.07
+    """
+    try:
+        return _check_sigma_rel(float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"must be a width in (0, {SIGMA_REL_MAX:.4f}); got {text!r}"
+        ) from e

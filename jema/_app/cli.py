@@ -10,9 +10,14 @@ import warnings
 from collections.abc import Sequence
 
 from jema._app.about import foreign_interop, version_report
-from jema._app.arguments import Parser, non_negative_int, output_folder, positive_int
+from jema._app.arguments import (
+    Parser,
+    non_negative_int,
+    output_folder,
+    positive_int,
+    sigma_rel,
+)
 from jema._app.demo import DemoConfig
-from jema._app.posthoc_cli import sigma_rel
 
 BENCHMARKS = {  # command: (module with a main(argv), help)
     "bench": ("jema._app.bench", "measure the EMA update's speed (prints a table)"),

@@ -9,36 +9,10 @@ entries ``posthoc_sigma_rel`` and ``posthoc_step`` say which width and step it i
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any
 
 from jema import posthoc
-from jema._power import SIGMA_REL_MAX, _check_sigma_rel
-
-
-def sigma_rel(text: str) -> float:
-    """argparse type for ``--sigma-rel``: a width in (0, 1/√12).
-
-    Args:
-      text: the command-line value.
-
-    Returns:
-      The width.
-
-    Raises:
-      argparse.ArgumentTypeError: for anything else, naming the value.
-
-    Example:
-      >>> sigma_rel("0.07")
-      0.07
-    """
-    try:
-        return _check_sigma_rel(float(text))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(
-            f"must be a width in (0, {SIGMA_REL_MAX:.4f}); got {text!r}"
-        ) from e
 
 
 def snapshot_table(directory: str) -> str:
