@@ -19,33 +19,37 @@ if TYPE_CHECKING:
     import torch
 
 # numpy dtype, PyTorch's twin (a ``torch`` attribute), the safetensors code (None: the format
-# has none), and whether the bits cross to PyTorch as a same-width integer.
-_TABLE: tuple[tuple[np.dtype, str, str | None, bool], ...] = (
-    (np.dtype(np.bool_), "bool", "BOOL", False),
-    (np.dtype(np.int8), "int8", "I8", False),
-    (np.dtype(np.int16), "int16", "I16", False),
-    (np.dtype(np.int32), "int32", "I32", False),
-    (np.dtype(np.int64), "int64", "I64", False),
-    (np.dtype(np.uint8), "uint8", "U8", False),
-    (np.dtype(np.uint16), "uint16", "U16", False),
-    (np.dtype(np.uint32), "uint32", "U32", False),
-    (np.dtype(np.uint64), "uint64", "U64", False),
-    (np.dtype(np.float16), "float16", "F16", False),
-    (np.dtype(ml_dtypes.bfloat16), "bfloat16", "BF16", True),
-    (np.dtype(np.float32), "float32", "F32", False),
-    (np.dtype(np.float64), "float64", "F64", False),
-    (np.dtype(ml_dtypes.float8_e4m3fn), "float8_e4m3fn", "F8_E4M3", True),
-    (np.dtype(ml_dtypes.float8_e5m2), "float8_e5m2", "F8_E5M2", True),
-    (np.dtype(ml_dtypes.float8_e4m3fnuz), "float8_e4m3fnuz", "F8_E4M3FNUZ", True),
-    (np.dtype(ml_dtypes.float8_e5m2fnuz), "float8_e5m2fnuz", "F8_E5M2FNUZ", True),
-    (np.dtype(ml_dtypes.float8_e8m0fnu), "float8_e8m0fnu", "F8_E8M0", True),
-    (np.dtype(np.complex64), "complex64", "C64", False),
-    (np.dtype(np.complex128), "complex128", None, False),
+# has none), whether the bits cross to PyTorch as a same-width integer, and the storage class a
+# ``torch.save`` pickle names for it (None: torch writes ``UntypedStorage`` and the dtype).
+_TABLE: tuple[tuple[np.dtype, str, str | None, bool, str | None], ...] = (
+    (np.dtype(np.bool_), "bool", "BOOL", False, "BoolStorage"),
+    (np.dtype(np.int8), "int8", "I8", False, "CharStorage"),
+    (np.dtype(np.int16), "int16", "I16", False, "ShortStorage"),
+    (np.dtype(np.int32), "int32", "I32", False, "IntStorage"),
+    (np.dtype(np.int64), "int64", "I64", False, "LongStorage"),
+    (np.dtype(np.uint8), "uint8", "U8", False, "ByteStorage"),
+    (np.dtype(np.uint16), "uint16", "U16", False, None),
+    (np.dtype(np.uint32), "uint32", "U32", False, None),
+    (np.dtype(np.uint64), "uint64", "U64", False, None),
+    (np.dtype(np.float16), "float16", "F16", False, "HalfStorage"),
+    (np.dtype(ml_dtypes.bfloat16), "bfloat16", "BF16", True, "BFloat16Storage"),
+    (np.dtype(np.float32), "float32", "F32", False, "FloatStorage"),
+    (np.dtype(np.float64), "float64", "F64", False, "DoubleStorage"),
+    (np.dtype(ml_dtypes.float8_e4m3fn), "float8_e4m3fn", "F8_E4M3", True, None),
+    (np.dtype(ml_dtypes.float8_e5m2), "float8_e5m2", "F8_E5M2", True, None),
+    (np.dtype(ml_dtypes.float8_e4m3fnuz), "float8_e4m3fnuz", "F8_E4M3FNUZ", True, None),
+    (np.dtype(ml_dtypes.float8_e5m2fnuz), "float8_e5m2fnuz", "F8_E5M2FNUZ", True, None),
+    (np.dtype(ml_dtypes.float8_e8m0fnu), "float8_e8m0fnu", "F8_E8M0", True, None),
+    (np.dtype(np.complex64), "complex64", "C64", False, "ComplexFloatStorage"),
+    (np.dtype(np.complex128), "complex128", None, False, "ComplexDoubleStorage"),
 )
-_BY_NUMPY = {n: (name, viewed) for n, name, _, viewed in _TABLE}
-_BY_NAME = {name: n for n, name, _, _ in _TABLE}
-_BY_CODE = {code: n for n, _, code, _ in _TABLE if code is not None}
-_CODES = {n: code for n, _, code, _ in _TABLE}
+_BY_NUMPY = {n: (name, viewed) for n, name, _, viewed, _ in _TABLE}
+_BY_NAME = {name: n for n, name, _, _, _ in _TABLE}
+_BY_CODE = {code: n for n, _, code, _, _ in _TABLE if code is not None}
+_CODES = {n: code for n, _, code, _, _ in _TABLE}
+_BY_STORAGE = {storage: n for n, _, _, _, storage in _TABLE if storage is not None}
+_STORAGES = {n: storage for n, _, _, _, storage in _TABLE}
+
 
 
 def is_array(value: Any) -> bool:
@@ -212,5 +216,61 @@ def from_safetensors_code(code: str) -> np.dtype:
     return _BY_CODE[code]
 
 
+def torch_name(dtype: np.dtype) -> str:
+    """PyTorch's name of a numpy dtype in the table (a ``torch`` attribute, no PyTorch needed).
+
+    Args:
+      dtype: a numpy dtype in the table.
+
+    Returns:
+      The name, e.g. ``"float8_e4m3fn"``; ``numpy_dtype("torch." + name)`` goes back.
+
+    Raises:
+      TypeError: for a dtype outside the table, listing the allowed ones.
+
+    Example:
+      >>> torch_name(np.dtype(ml_dtypes.float8_e4m3fn))
+      'float8_e4m3fn'
+    """
+    return _BY_NUMPY[numpy_dtype(dtype)][0]
+
+
+def storage_name(dtype: np.dtype) -> str | None:
+    """The typed storage class a ``torch.save`` pickle names for a dtype.
+
+    Args:
+      dtype: a numpy dtype in the table.
+
+    Returns:
+      e.g. ``"FloatStorage"``; None for the dtypes torch writes as ``UntypedStorage`` with the
+      dtype given apart (uint16/32/64, float8).
+
+    Raises:
+      TypeError: for a dtype outside the table, listing the allowed ones.
+
+    Example:
+      >>> storage_name(np.dtype("int64")), storage_name(np.dtype("uint16"))
+      ('LongStorage', None)
+    """
+    return _STORAGES[numpy_dtype(dtype)]
+
+
+def from_storage_name(name: str) -> np.dtype | None:
+    """The numpy dtype of a typed storage class named in a ``torch.save`` pickle.
+
+    Args:
+      name: e.g. ``"HalfStorage"``.
+
+    Returns:
+      The numpy dtype, or None for a name outside the table (``ComplexHalfStorage``, the
+      quantized ones, ``UntypedStorage``).
+
+    Example:
+      >>> from_storage_name("BFloat16Storage"), from_storage_name("QInt8Storage")
+      (dtype(bfloat16), None)
+    """
+    return _BY_STORAGE.get(name)
+
+
 def _allowed() -> str:
-    return ", ".join(name for _, name, _, _ in _TABLE)
+    return ", ".join(name for _, name, _, _, _ in _TABLE)
