@@ -51,7 +51,6 @@ _BY_STORAGE = {storage: n for n, _, _, _, storage in _TABLE if storage is not No
 _STORAGES = {n: storage for n, _, _, _, storage in _TABLE}
 
 
-
 def is_array(value: Any) -> bool:
     """Whether a state_dict value holds numbers: a numpy or jax array, or a tensor.
 

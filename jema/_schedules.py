@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jema._checks import is_floating
+
 ArrayLike = jax.typing.ArrayLike
 Weights = tuple[jax.Array, jax.Array]
 STEP_LIMIT = 2**31 - 1  # the last step the int32 counter reaches (optax.safe_increment)
@@ -446,7 +448,7 @@ def real_inside(x: Any, low: float, high: float) -> float | None:
     if getattr(x, "ndim", 0) != 0:
         return None
     dtype = np.asarray(x).dtype
-    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+    if not (jnp.issubdtype(dtype, jnp.integer) or is_floating(dtype)):
         return None
     value = float(x)
     return value if low < value < high else None
@@ -487,7 +489,7 @@ def _probe(decay_fn: Callable, decay_type: str, total_steps: Any) -> None:
                 "pass ema_transform(..., total_steps=<number of optimizer steps>)."
             ) from e
         raise TypeError(_untraceable(decay_type, e)) from e
-    if out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+    if out.shape != () or not is_floating(out.dtype):
         raise TypeError(
             f"decay_type={decay_type!r} must return a float scalar; it returned "
             f"shape {out.shape} dtype {out.dtype}."
@@ -548,7 +550,7 @@ def _check_decay(decay: Any) -> None:
 
 def _low_precision_hint(x: Any) -> str:
     dtype = getattr(x, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits > 16:
+    if dtype is None or not is_floating(dtype) or jnp.finfo(dtype).bits > 16:
         return ""
     return (
         f". A {jnp.dtype(dtype).name} decay comes from optax.inject_hyperparams, which casts "

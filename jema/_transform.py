@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jema._checks import is_floating
 from jema._power import power_weights, sigma_rel_to_gamma, width_key
 from jema._schedules import Weights, check_every_k_steps, decay_weights_fn, valid_weights
 from jema._state import EmaState, PowerEmaState, WeightEmaState
@@ -287,6 +288,6 @@ def _check_ema_dtype(ema_dtype: Any) -> jnp.dtype | None:
         dtype = jnp.dtype(ema_dtype)
     except TypeError as e:
         raise TypeError(message) from e
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if not is_floating(dtype):
         raise TypeError(message)
     return dtype

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jema._checks import is_floating
+
 
 def is_none(x: Any) -> bool:
     """The ``is_leaf`` that keeps ``None`` leaves in tree maps (as optax's masked leaves need).
@@ -160,7 +162,7 @@ def copy_floating(tree: Any, dtype: Any = None, *, at_least: bool = False) -> An
             return None
         x = jnp.asarray(x)
         target = None
-        if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+        if dtype is not None and is_floating(x.dtype):
             target = jnp.promote_types(x.dtype, dtype) if at_least else dtype
         return jnp.array(x, dtype=target, copy=True)
 
@@ -180,11 +182,7 @@ def shared_float_dtype(tree: Any) -> jnp.dtype | None:
       >>> shared_float_dtype({"w": jnp.ones(2), "n": jnp.ones(2, jnp.int32)})
       dtype('float32')
     """
-    dtypes = {
-        jnp.dtype(leaf.dtype)
-        for leaf in jax.tree.leaves(tree)
-        if jnp.issubdtype(leaf.dtype, jnp.floating)
-    }
+    dtypes = {jnp.dtype(leaf.dtype) for leaf in jax.tree.leaves(tree) if is_floating(leaf.dtype)}
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
@@ -242,7 +240,7 @@ def average_trees(emas: list[Any], new: Any, weights: list[tuple[Any, Any]]) -> 
 
 
 def _mix(e: Any, n: Any, weights: tuple[Any, Any]) -> Any:
-    if e is None or not jnp.issubdtype(e.dtype, jnp.floating):
+    if e is None or not is_floating(e.dtype):
         return e
     compute = compute_dtype(e.dtype)
     d, one_minus_d = (jnp.asarray(w, compute) for w in weights)

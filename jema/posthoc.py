@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jema._checks import is_floating
 from jema._power import _check_sigma_rel, sigma_rel_to_gamma, width_key
 from jema._state import PowerEmaState, find_ema_state, tracked_sigma_rels
 from jema.checkpoint import check_new_step, open_manager, save_lock
@@ -331,7 +332,7 @@ def reconstruct(
     with open_manager(_check_path(directory), None) as manager:
         for (t, width), w in _progress(used, progress, len(used)):
             for i, leaf in _stored_leaves(manager, t, _item(part, width), records):
-                if not np.issubdtype(leaf.dtype, np.floating):
+                if not is_floating(leaf.dtype):
                     kept[i] = leaf
                     continue
                 for total, weight in zip(sums, w, strict=True):
@@ -487,7 +488,7 @@ def _flat(leaves: list[Any], storage: str | None) -> dict[str, Any]:
     """The leaves as orbax's flat dict, floating ones in the storage dtype."""
 
     def stored(x: Any) -> Any:
-        floating = jnp.issubdtype(x.dtype, jnp.floating)
+        floating = is_floating(x.dtype)
         return x.astype(storage) if storage is not None and floating else x
 
     return {_leaf_name(i): stored(leaf) for i, leaf in enumerate(leaves)}
@@ -592,6 +593,6 @@ def _check_dtype(dtype: Any) -> np.dtype | None:
         wanted = jnp.dtype(dtype)
     except TypeError as e:
         raise ValueError(f"dtype must be a floating dtype such as 'float32'; got {dtype!r}") from e
-    if not jnp.issubdtype(wanted, jnp.floating):
+    if not is_floating(wanted):
         raise ValueError(f"dtype must be a floating dtype such as 'float32'; got {dtype!r}")
     return wanted

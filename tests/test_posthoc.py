@@ -144,6 +144,34 @@ def test_batch_statistics_are_snapshotted_and_reconstructed_like_the_weights(tmp
     np.testing.assert_allclose(ramp, direct[0], rtol=2e-4)  # measured 1.2e-4
 
 
+@pytest.mark.parametrize("params_dtype", [jnp.float32, jnp.bfloat16])
+def test_bfloat16_snapshots_reconstruct_a_width_between_the_tracked_ones(tmp_path, params_dtype):
+    """ml_dtypes' bfloat16 is floating (numpy's issubdtype says it is not): its snapshots are
+    averaged like float32 ones, whether stored as bfloat16 or saved from bfloat16 params."""
+    tx = jema.power_ema(WIDTHS)
+    update = post_step_update(tx)
+    state = tx.init({"w": jnp.zeros(3, params_dtype)})
+    folders = {"bf16": tmp_path / "bf16", "f32": tmp_path / "f32"}
+    for t in range(1, 401):
+        state = update(state, {"w": jnp.full(3, t, params_dtype)})
+        if t % 40 == 0:
+            posthoc.save_snapshot(folders["bf16"], state, dtype="bfloat16")
+            posthoc.save_snapshot(folders["f32"], state, dtype="float32")
+    direct = direct_power_ema(np.arange(1.0, 401.0)[:, None], 0.07)[0]
+    from_f32 = posthoc.reconstruct(folders["f32"], 0.07, dtype="float32")["w"]
+    got = posthoc.reconstruct(folders["bf16"], 0.07, dtype="float32")["w"]
+    assert got.dtype == np.float32
+    if params_dtype == jnp.bfloat16:  # the EMA itself is bfloat16: both folders hold its bits
+        np.testing.assert_allclose(got, from_f32, rtol=1e-6)
+    else:  # bfloat16 keeps 8 bits: each stored EMA is off by at most 2**-9 of itself
+        np.testing.assert_allclose(got, from_f32, rtol=2**-8)
+        np.testing.assert_allclose(got, direct, rtol=2**-8)
+    last_width = float(np.asarray(jema.ema_params(state, sigma_rel=0.1)["w"], np.float32)[0])
+    assert abs(got[0] - last_width) > 5  # not the last snapshot's last width passed through
+    default = posthoc.reconstruct(folders["bf16"], 0.07)["w"]
+    assert default.dtype == np.dtype(params_dtype)
+
+
 def test_the_tree_comes_back_as_nested_dicts_with_non_floating_leaves_kept(tmp_path):
     params = {"layers": [{"k": jnp.ones(2)}, {"k": jnp.ones(2)}], "n": jnp.arange(3)}
     tx = jema.power_ema((0.1,))
