@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import numbers
 import os
-from collections.abc import Iterator
-from typing import Any, TypeAlias
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from jema import nnx as jema_nnx
+from jema._orbax import Directory, check_new_step, check_savable, open_manager, save_lock
 from jema.train_state import TrainState
 
-Directory: TypeAlias = str | os.PathLike[str] | ocp.CheckpointManager
-LOCK_NAME = ".jema-save.lock"
-STANDARD: Any = object()  # open_manager's default: one standard item per step
+MEMORY_KINDS = "jema_memory_kinds"  # the step's custom metadata: leaf path -> memory kind
 
 
 def save(directory: Directory, step: int, state: Any) -> None:
@@ -54,9 +50,12 @@ def save(directory: Directory, step: int, state: Any) -> None:
       >>> save(tempfile.mkdtemp(), 0, state)
     """
     step = check_step(step)
+    tree = _tree(state)
+    check_savable(tree)
+    kinds = {MEMORY_KINDS: _memory_kinds(tree)}
     with open_manager(directory) as manager, save_lock(os.fspath(manager.directory)):
         check_new_step(manager, step)
-        manager.save(step, args=ocp.args.StandardSave(_tree(state)), force=True)
+        manager.save(step, args=ocp.args.StandardSave(tree), custom_metadata=kinds, force=True)
 
 
 def restore(directory: Directory, template: Any, *, step: int | None = None) -> Any:
@@ -95,13 +94,14 @@ def restore(directory: Directory, template: Any, *, step: int | None = None) -> 
         saved = sorted(manager.all_steps())
         if step is None and not saved:
             raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-        step = saved[-1] if step is None else step
+        step = saved[-1] if step is None else check_step(step)
         if step not in saved:
             raise FileNotFoundError(
                 f"no checkpoint step {step} in {manager.directory}; saved steps: {saved}"
             )
         metadata = manager.item_metadata(step)
-        abstract = _abstract(_tree(template), metadata)
+        kinds = (manager.metadata(step).custom_metadata or {}).get(MEMORY_KINDS, {})
+        abstract = _abstract(_tree(template), metadata, kinds)
         _check_like_saved(metadata, abstract)
         restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     if _is_nnx(template):
@@ -219,16 +219,45 @@ def _by_path(tree: Any) -> dict[str, Any]:
     }
 
 
-def _abstract(tree: Any, metadata: Any) -> Any:
-    """The template as shapes and dtypes; a Python number takes the saved leaf's dtype."""
+def _memory_kinds(tree: Any) -> dict[str, str]:
+    """The memory kind of every leaf kept outside device memory (an EMA in host memory)."""
+    return {
+        path: leaf.sharding.memory_kind
+        for path, leaf in _by_path(tree).items()
+        if isinstance(leaf, jax.Array) and leaf.sharding.memory_kind not in (None, "device")
+    }
+
+
+def _abstract(tree: Any, metadata: Any, kinds: dict[str, str]) -> Any:
+    """The template as shapes, dtypes and shardings to restore into.
+
+    A number (Python or numpy) takes the saved leaf's dtype. A leaf saved outside device memory
+    (``kinds``, by path) goes back there unless the template keeps it in another memory
+    itself; a ``jax.eval_shape`` template knows no memory kinds.
+    """
     saved = _by_path(getattr(metadata, "tree", None) or {})
 
     def leaf(path: Any, x: Any) -> Any:
-        if isinstance(x, (bool, int, float, complex)):
-            key = jax.tree_util.keystr(path, simple=True, separator="/")
-            dtype = saved[key].dtype if key in saved else jnp.asarray(x).dtype
+        key = jax.tree_util.keystr(path, simple=True, separator="/")
+        if isinstance(x, (numbers.Number, np.generic)):
+            dtype = saved[key].dtype if key in saved else np.asarray(x).dtype
             return jax.ShapeDtypeStruct((), dtype)
-        return ocp.utils.to_shape_dtype_struct(x)
+        if not isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+            raise TypeError(
+                f"the template's leaf {key} is a {type(x).__name__}; a template holds arrays, "
+                "jax.ShapeDtypeStructs or numbers (build it as the saved state was built)"
+            )
+        struct = ocp.utils.to_shape_dtype_struct(x)
+        sharding = getattr(struct, "sharding", None)
+        if key not in kinds or getattr(sharding, "memory_kind", None) not in (None, "device"):
+            return struct
+        if sharding is None and key in saved:
+            sharding = saved[key].sharding.to_jax_sharding()
+        if sharding is None:
+            return struct
+        return jax.ShapeDtypeStruct(
+            struct.shape, struct.dtype, sharding=sharding.with_memory_kind(kinds[key])
+        )
 
     return jax.tree_util.tree_map_with_path(leaf, tree)
 
@@ -255,108 +284,3 @@ def check_step(step: Any) -> int:
     if step < 0:
         raise ValueError(f"step must be a non-negative int; got {step!r}")
     return int(step)
-
-
-def check_new_step(manager: ocp.CheckpointManager, step: int, noun: str = "checkpoint") -> None:
-    """Refuse a step already saved in ``manager``'s folder, or below a saved one.
-
-    orbax would skip an existing step silently, and a lower one would never be "the latest".
-
-    Args:
-      manager: the folder's manager.
-      step: the step about to be saved.
-      noun: what is saved, for the message ("checkpoint", "snapshot").
-
-    Raises:
-      ValueError: naming the step, the folder and the remedy.
-
-    Example:
-      >>> import tempfile
-      >>> with open_manager(tempfile.mkdtemp()) as manager:
-      ...     check_new_step(manager, 1)
-    """
-    saved = sorted(manager.all_steps())
-    if step in saved:
-        raise ValueError(
-            f"{noun} step {step} already exists in {manager.directory}; orbax would "
-            "skip it silently. Save under a new step, or delete that step first."
-        )
-    later = [s for s in saved if s > step]
-    if later:
-        raise ValueError(
-            f"{noun} step {step} is below saved steps {later} in {manager.directory}: "
-            "steps only go forward in a folder (restore picks the highest). When training "
-            "on from an earlier checkpoint, delete those steps or save into a new folder."
-        )
-
-
-@contextlib.contextmanager
-def save_lock(directory: str) -> Iterator[None]:
-    """Hold ``directory``'s save lock (non-blocking) in the primary process of the run.
-
-    Args:
-      directory: an existing folder; the lock file ``.jema-save.lock`` is made there.
-
-    Yields:
-      Nothing; the lock is held until the ``with`` block ends.
-
-    Raises:
-      BlockingIOError: when another process holds the lock (is saving there).
-
-    Example:
-      >>> import tempfile
-      >>> with save_lock(tempfile.mkdtemp()):
-      ...     pass
-    """
-    if jax.process_index() != 0:
-        yield
-        return
-    path = os.path.join(directory, LOCK_NAME)
-    with open(path, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise BlockingIOError(
-                e.errno,
-                f"another process is saving into {directory} (it holds {path}); two runs must "
-                "not share a checkpoint folder: give each its own.",
-            ) from e
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def open_manager(
-    directory: Directory, item_handlers: Any = STANDARD
-) -> contextlib.AbstractContextManager[ocp.CheckpointManager]:
-    """An orbax manager of ``directory``: a caller's manager stays open, one made here is
-    closed (its saves finished) on exit.
-
-    Args:
-      directory: a folder (made when missing) or an ``ocp.CheckpointManager``.
-      item_handlers: the made manager's handlers: one standard item by default; None lets
-        ``ocp.args.Composite`` items pick theirs (several named items per step).
-
-    Returns:
-      A context manager giving the ``ocp.CheckpointManager``.
-
-    Raises:
-      NotADirectoryError: when ``directory`` is a file.
-
-    Example:
-      >>> import tempfile
-      >>> with open_manager(tempfile.mkdtemp()) as manager:
-      ...     manager.all_steps()
-      []
-    """
-    if isinstance(directory, ocp.CheckpointManager):
-        return contextlib.nullcontext(directory)
-    path = os.path.abspath(os.fspath(directory))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(
-            errno.ENOTDIR, "the checkpoint folder is a file; pass a folder (new or existing)", path
-        )
-    if item_handlers is STANDARD:
-        item_handlers = ocp.StandardCheckpointHandler()
-    return ocp.CheckpointManager(path, item_handlers=item_handlers)
