@@ -60,3 +60,20 @@ def test_every_name_in_all_and_every_lazy_name_resolves():
     assert jema.nnx.__name__ == "jema.nnx" and jema.checkpoint.__name__ == "jema.checkpoint"
     with pytest.raises(AttributeError, match="no attribute 'digits'"):
         jema.digits  # noqa: B018
+
+
+def test_without_fcntl_the_package_imports_and_a_save_lock_says_why_it_cannot_lock(tmp_path):
+    code = (
+        "import sys\n"
+        "sys.modules['fcntl'] = None  # as on Windows: importing it raises ImportError\n"
+        "sys.modules['msvcrt'] = None\n"
+        "import jema, jema.checkpoint, jema.posthoc, jema._orbax, interop\n"
+        "try:\n"
+        f"    with jema._orbax.save_lock({str(tmp_path)!r}):\n"
+        "        pass\n"
+        "except OSError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert "refused: [Errno 38] this platform has neither fcntl nor msvcrt file locks" in out.stdout
+    assert ".jema-save.lock" in out.stdout
