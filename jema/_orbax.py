@@ -23,8 +23,8 @@ TEMP_MARK = ".orbax-checkpoint-tmp"  # orbax names a step's folder "<step>.orbax
 def open_manager(
     directory: Directory, item_handlers: Any = STANDARD
 ) -> contextlib.AbstractContextManager[ocp.CheckpointManager]:
-    """An orbax manager of ``directory``: a caller's manager stays open, one made here is
-    closed (its saves finished) on exit.
+    """An orbax manager of ``directory``: a caller's manager stays open, one made here saves
+    synchronously and is closed on exit.
 
     Args:
       directory: a folder (made when missing) or an ``ocp.CheckpointManager``.
@@ -52,7 +52,10 @@ def open_manager(
         )
     if item_handlers is STANDARD:
         item_handlers = ocp.StandardCheckpointHandler()
-    return ocp.CheckpointManager(path, item_handlers=item_handlers)
+    # Synchronous: each save is finished before save_lock is released, so the next lock holder
+    # never takes a save in progress for one a killed process left.
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+    return ocp.CheckpointManager(path, options=options, item_handlers=item_handlers)
 
 
 def check_new_step(manager: ocp.CheckpointManager, step: int, noun: str = "checkpoint") -> None:

@@ -205,7 +205,59 @@ def main(folder: str) -> None:
     print()
 
 
+DONATIONS = {  # how a step(params, opt_state) -> (params, opt_state) is jitted
+    "none": {},
+    "params": {"donate_argnums": (0,)},
+    "both": {"donate_argnums": (0, 1)},
+    "opt_state": {"donate_argnums": (1,)},
+    "opt_state_by_name": {"donate_argnames": ("opt_state",)},
+    "both_returned_swapped": {"donate_argnums": (0, 1)},
+    "opt_state_with_shardings": {"donate_argnums": (1,)},
+}
+
+
+def donated_run(pattern: str, kind: str | None) -> Any:
+    """Three sgd-with-momentum + EMA steps on one device, jitted as ``DONATIONS[pattern]``."""
+    tx = jema.with_ema(
+        optax.sgd(0.1, momentum=0.9), decay=0.5, decay_type="constant", ema_memory_kind=kind
+    )
+    params = {"k": jax.device_put(jnp.arange(32.0).reshape(8, 4) / 32, jax.devices()[0])}
+    opt_state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), tx.init(params))
+
+    def step(params: Any, opt_state: Any) -> tuple[Any, Any]:
+        grads = jax.tree.map(lambda p: jnp.sin(p) + 0.1, params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        new = optax.apply_updates(params, updates)
+        return (opt_state, new) if pattern == "both_returned_swapped" else (new, opt_state)
+
+    options: dict[str, Any] = dict(DONATIONS[pattern])
+    if pattern == "opt_state_with_shardings":
+        shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
+        options.update(in_shardings=shardings, out_shardings=shardings)
+    jitted = jax.jit(step, **options)
+    for _ in range(3):
+        a, b = jitted(params, opt_state)
+        params, opt_state = (b, a) if pattern == "both_returned_swapped" else (a, b)
+    return opt_state
+
+
+def donation_facts(pattern: str) -> dict[str, Any]:
+    """The host-memory EMA after donated steps: its memory kinds, and its distance from the
+    same steps with the EMA on the device."""
+    host, device = donated_run(pattern, "pinned_host"), donated_run(pattern, None)
+    return {
+        "kinds": sorted(
+            {leaf.sharding.memory_kind for leaf in jax.tree.leaves(jema.ema_params(host))}
+        ),
+        "difference": difference(jema.ema_params(host), jema.ema_params(device)),
+    }
+
+
 if __name__ == "__main__":
     # Read when the CPU backend starts, i.e. at the first jax call in main(), not at import.
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    main(sys.argv[1])
+    if sys.argv[1] == "--donation":
+        json.dump(donation_facts(sys.argv[2]), sys.stdout)
+        print()
+    else:
+        main(sys.argv[1])

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import pytest
 
 import jema
+from tests.hostmem_checks import DONATIONS
 
 SCRIPT = Path(__file__).with_name("hostmem_checks.py")
 ROOT = SCRIPT.parent.parent
@@ -98,3 +99,46 @@ def test_an_unknown_memory_kind_lists_the_devices_kinds():
         jema.power_ema(ema_memory_kind="unpinned_host")
     state = jema.ema_transform(ema_memory_kind="pinned_host").init({"w": jnp.ones(2)})
     assert jema.ema_params(state)["w"].sharding.memory_kind == "pinned_host"
+
+
+def run_donation(pattern: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--donation", pattern],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+# On one device jax pairs each donated input with the first output of its shape and dtype,
+# whatever its memory kind (mlir._set_up_aliases, without out_shardings): a donated host EMA
+# then backs a device output and XLA aborts the process. Donating the whole state in the order
+# it is returned, or giving in_shardings and out_shardings, is safe.
+SAFE = ["none", "params", "both", "opt_state_with_shardings"]
+ABORTS = ["opt_state", "opt_state_by_name", "both_returned_swapped"]
+
+
+def test_every_donation_pattern_is_listed():
+    assert sorted(SAFE + ABORTS) == sorted(DONATIONS)
+
+
+@pytest.mark.parametrize("pattern", SAFE)
+def test_safe_donations_keep_the_ema_in_host_memory_with_the_same_values(pattern):
+    done = run_donation(pattern)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "kinds": ["pinned_host"],
+        "difference": 0.0,
+    }
+
+
+@pytest.mark.parametrize("pattern", ABORTS)
+def test_donating_the_host_ema_without_its_outputs_order_still_aborts_in_xla(pattern):
+    # A fact about jax (0.10.2 to 0.12), stated in the README; when this fails, jax fixed it.
+    done = run_donation(pattern)
+    assert done.returncode == -6, (done.returncode, done.stderr[-2000:])
+    assert "PjRtBuffer's memory kind does not match sharding's memory kind" in done.stderr
