@@ -9,7 +9,9 @@ import json
 import os
 import re
 import secrets
+import shutil
 import stat
+import tempfile
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -145,12 +147,16 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     """Writes a file whole or not at all: ``write(temp)`` next to ``path``, then a rename.
 
     As ``torch.save`` does: a symlink is written through (its target gets the content, the link
-    stays), and a file the caller may not write (read-only for a normal user) is refused rather
-    than replaced. The file gets the mode ``open(path, "wb")`` would give it (``0o666`` less the
-    umask, or the mode of the file it replaces), and reaches the disk (``fsync``) before it
-    takes the name; the folder is synced after the rename where the platform can. Temporary
-    files are named ``.<name>.<digest of name>.<random>.tmp`` (at most 139 bytes), so one left by
-    a killed save is removed by the next save to the same path.
+    stays), a file the caller may not write (read-only for a normal user) is refused rather
+    than replaced, and a target that exists and is not a regular file (a FIFO, a device such
+    as ``/dev/null``) is written in place: ``write`` fills a file in the system's temporary
+    folder, whose bytes are then copied into ``path`` opened as ``open(path, "wb")`` (never
+    replaced, and then not atomic); a socket is refused. The file gets the mode
+    ``open(path, "wb")`` would give it (``0o666`` less the umask, or the mode of the file it
+    replaces), and reaches the disk (``fsync``) before it takes the name; the folder is synced
+    after the rename where the platform can. Temporary files are named
+    ``.<name>.<digest of name>.<random>.tmp`` (at most 139 bytes), so one left by a killed save
+    is removed by the next save to the same path.
 
     Args:
       path: the file to write.
@@ -158,9 +164,10 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
 
     Raises:
       PermissionError: naming ``path`` when it exists and the caller may not write it.
-      OSError: naming ``path`` (not the temporary file) when the folder is not writable or the
-        write fails (a full disk); ``path`` is then left as it was and no temporary file
-        remains. Whatever else ``write`` raises passes through, with the same guarantee.
+      OSError: naming ``path`` (not the temporary file) when it is a socket, the folder is
+        not writable or the write fails (a full disk); ``path`` is then left as it was and no
+        temporary file remains. Whatever else ``write`` raises passes through, with the same
+        guarantee.
 
     Example:
       >>> import tempfile
@@ -177,6 +184,9 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
             errno.EACCES, "Permission denied: the file is read-only, so torch.save refuses it "
             "too; make it writable or save elsewhere", path
         )  # fmt: skip
+    if _is_special(target, path):  # a FIFO or a device: a rename would replace it with a file
+        _write_in_place(path, target, write)
+        return
     folder, name = os.path.split(target)
     prefix = _temp_prefix(name)
     try:
@@ -208,6 +218,32 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         raise
     if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
         _fsync(folder, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _is_special(target: str, path: str) -> bool:
+    """Whether ``target`` exists and is neither a regular file nor a folder (a FIFO, a device):
+    such a file is written in place, never replaced. A socket is an ``OSError`` naming
+    ``path``."""
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        return False
+    if stat.S_ISSOCK(mode):
+        raise OSError(errno.ENXIO, "this is a socket, not a file; save to a file", path)
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _write_in_place(path: str, target: str, write: Callable[[str], None]) -> None:
+    """``write`` into a temporary folder, then its bytes copied into ``target`` (a writer may
+    replace the path it is given, as safetensors' does)."""
+    with tempfile.TemporaryDirectory() as folder:
+        temp = os.path.join(folder, "content")
+        try:
+            write(temp)
+            with open(temp, "rb") as source, open(target, "wb") as sink:
+                shutil.copyfileobj(source, sink)
+        except OSError as e:
+            raise _naming(path, e) from e
 
 
 def _temp_prefix(name: str) -> str:

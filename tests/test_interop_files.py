@@ -9,6 +9,7 @@ import pickle
 import resource
 import signal
 import stat
+import threading
 
 import jax
 import numpy as np
@@ -406,3 +407,25 @@ def test_a_real_write_limit_is_an_os_error_naming_the_path(tmp_path, models, suf
     assert "File too large" in message or "torch.save could not write the file" in message
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == [path.name]
+
+
+def _read_fifo(path, into):
+    with open(path, "rb") as f:
+        into.append(f.read())
+
+
+def test_a_pth_checkpoint_streams_into_a_fifo_as_torch_save_would(tmp_path):
+    net = {"params": {"fc": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}}
+    fifo = tmp_path / "pipe.pth"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=_read_fifo, args=(fifo, received))
+    reader.start()
+    interop.save_checkpoint(fifo, net=net, epoch=4)
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path) == ["pipe.pth"]
+    copy = tmp_path / "copy.pth"
+    copy.write_bytes(received[0])
+    loaded = torch.load(copy, weights_only=True)
+    assert loaded["epoch"] == 4
+    assert loaded["net"]["fc.weight"].tolist() == net["params"]["fc"]["kernel"].T.tolist()
