@@ -150,8 +150,9 @@ def sections(
       are none and every value is an array or tensor (a bare state_dict), else ``{}``.
 
     Raises:
-      ValueError: naming the file, the section and its first bad keys, when a section has a key
-        that is not a string or a value that is not an array or tensor.
+      ValueError: naming the file and the section when a present ``net``/``ema_net`` is not a
+        dict (None, a list, a tensor beside other entries), or its first bad keys when it has a
+        key that is not a string or a value that is not an array or tensor.
 
     Example:
       >>> list(sections({"net": {}, "ema_net": {}, "epoch": 3}, "ckpt.pth"))
@@ -161,10 +162,20 @@ def sections(
       >>> sections({"net": {"fc.bias": 3}}, "ckpt.pth")
       Traceback (most recent call last):
       ValueError: ckpt.pth: 'net' must map str names to arrays or tensors; got 'fc.bias': int
+      >>> sections({"net": {}, "ema_net": None}, "ckpt.pth")
+      Traceback (most recent call last):
+      ValueError: ckpt.pth: 'ema_net' is a NoneType, not a state_dict of names to tensors
     """
-    found = {s: checkpoint[s] for s in SECTIONS if isinstance(checkpoint.get(s), Mapping)}
-    if not found and checkpoint and all(map(is_array, checkpoint.values())):
-        found = {BARE: checkpoint}
+    if checkpoint and all(map(is_array, checkpoint.values())):
+        found: dict[str, Mapping[str, Any]] = {BARE: checkpoint}
+    else:
+        found = {s: checkpoint[s] for s in SECTIONS if s in checkpoint}
+    for name, section in found.items():
+        if not isinstance(section, Mapping):
+            raise ValueError(
+                f"{os.fspath(path)}: {name!r} is a {type(section).__name__}, not a state_dict "
+                "of names to tensors"
+            )
     for name, state_dict in found.items():
         bad = [
             f"{k!r}: {type(v).__name__}" if isinstance(k, str) else f"key {k!r}: {type(k).__name__}"
