@@ -248,6 +248,12 @@ def _averaging(
                 due = jnp.logical_and(due, finite)
                 count = jnp.where(finite, count, state.count)
             new_emas, new_stats = jax.lax.cond(due, average, lambda _: (emas, stats), None)
+            if not isinstance(k, int):  # injected at run time: a bad k must not pass silently
+                bad = k < 1
+                new_emas, new_stats = jax.tree.map(
+                    lambda x: jnp.where(bad, jnp.nan, x) if is_floating(x.dtype) else x,
+                    (new_emas, new_stats),
+                )
         return updates, pack(count, new_emas, new_stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

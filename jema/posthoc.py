@@ -29,9 +29,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jema._checks import is_floating
+from jema._orbax import check_new_step, check_savable, open_manager, save_lock
 from jema._power import _check_sigma_rel, sigma_rel_to_gamma, width_key
 from jema._state import PowerEmaState, find_ema_state, tracked_sigma_rels
-from jema.checkpoint import check_new_step, open_manager, save_lock
 
 FORMAT = "jema.posthoc/1"
 METADATA = "metadata"
@@ -128,6 +128,7 @@ def save_snapshot(
             leaves = jax.tree.leaves(trees[width_key(width)])
             items[_item(part, width)] = ocp.args.PyTreeSave(_flat(leaves, storage))
     items[METADATA] = ocp.args.JsonSave(metadata)
+    check_savable(parts, "snapshot")
     with open_manager(path, None) as manager, save_lock(os.fspath(manager.directory)):
         check_new_step(manager, step, "snapshot")
         manager.save(step, args=ocp.args.Composite(**items), force=True)

@@ -62,8 +62,9 @@ def test_every_k_steps_skips_the_work_with_a_conditional():
     )
 
 
-def test_every_k_steps_under_inject_hyperparams():
-    tx = optax.inject_hyperparams(jema.ema_transform)(
+@pytest.mark.parametrize("static_args", [(), "every_k_steps"])
+def test_every_k_steps_under_inject_hyperparams(static_args):
+    tx = optax.inject_hyperparams(jema.ema_transform, static_args=static_args)(
         decay=0.5, decay_type="constant", every_k_steps=2
     )
     trajectory = [np.full(2, float(i), np.float32) for i in range(1, 5)]
@@ -71,6 +72,24 @@ def test_every_k_steps_under_inject_hyperparams():
     d = 0.25
     expected = (0.0 * d + (1 - d) * 2.0) * d + (1 - d) * 4.0
     np.testing.assert_allclose(jema.ema_params(state), expected, rtol=1e-6)
+    plain = feed(jema.ema_transform(0.5, "constant", every_k_steps=2), np.zeros(2), trajectory)
+    np.testing.assert_array_equal(jema.ema_params(state), jema.ema_params(plain))
+
+
+@pytest.mark.parametrize("k", [0, -3])
+@pytest.mark.parametrize("factory", [jema.ema_transform, jema.power_ema])
+def test_a_bad_every_k_steps_injected_at_run_time_turns_the_ema_into_nan(k, factory):
+    """Under jit nothing can raise; k = 0 would freeze the EMA and k = -3 corrupt it (an EMA
+    of -20 from weights 2..6), so the EMA becomes NaN instead: never a plausible wrong value."""
+    first = {"decay": 0.5} if factory is jema.ema_transform else {"sigma_rels": (0.1, 0.2)}
+    tx = optax.inject_hyperparams(factory)(**first, every_k_steps=2)
+    state = tx.init(jnp.zeros(2))
+    state.hyperparams["every_k_steps"] = jnp.asarray(k)
+    update = jax.jit(tx.update)
+    for w in range(2, 7):
+        _, state = update(jnp.zeros(2), state, jnp.full(2, float(w)))
+    emas = state.inner_state.ema if factory is jema.ema_transform else state.inner_state.emas
+    assert all(np.isnan(leaf).all() for leaf in jax.tree.leaves(emas))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
