@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Literal, Unpack, overload
 
 import jax
 import numpy as np
 
-from interop._convert import Options, state_dict, tensors, torch_to_flax
-from interop._dtypes import to_torch
+from interop._convert import Options, state_dict, torch_to_flax
 from interop._files import save_safetensors
 from interop._names import Rename
-from interop._pth import save_pth
+from interop._pth import write_pth
 from interop._report import Converted, Report
 from interop._schema import flat_section_hint, pick_section, read_checkpoint, to_safetensors
-from interop._torch import require
 from interop._types import TorchTemplate, Variables
 
 
@@ -196,8 +195,6 @@ def save_checkpoint(
             "strict= and cast= to choose what is written; other keywords are stored as entries"
         )
     safetensors = os.fspath(path).endswith(".safetensors")
-    if not safetensors:
-        require(f"writing {os.fspath(path)} (a torch.save file)")
     options: Options = {"rename": rename, "match_by_order": match_by_order, "cast": cast}
     converted: dict[str, Any] = {"net": state_dict(net, torch_template, strict, options)}
     if ema_net is not None:
@@ -212,22 +209,21 @@ def save_checkpoint(
         except TypeError as e:
             raise TypeError(f"safetensors metadata must be JSON; {e}") from e
         save_safetensors(path, *to_safetensors(sections, metadata))
-    else:
-        made: dict[int, Any] = {}  # one tensor per array, across sections
-        out = {name: tensors(section, False, made) for name, section in sections.items()}
-        save_pth(path, {**out, **{k: _plain(v, as_tensors=True) for k, v in extra.items()}})
+    else:  # one tensor per array across sections: write_pth shares what is one object
+        out = {name: OrderedDict(section) for name, section in sections.items()}
+        write_pth(path, {**out, **{k: _plain(v, as_arrays=True) for k, v in extra.items()}})
     return None if strict else {k: v.report for k, v in converted.items()}
 
 
-def _plain(value: Any, as_tensors: bool = False) -> Any:
-    """Numpy/jax scalars -> Python numbers, arrays -> tensors (or lists), recursively."""
+def _plain(value: Any, as_arrays: bool = False) -> Any:
+    """Numpy/jax scalars -> Python numbers, arrays kept (or lists), recursively."""
     if isinstance(value, Mapping):
-        return {k: _plain(v, as_tensors) for k, v in value.items()}
+        return {k: _plain(v, as_arrays) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_plain(v, as_tensors) for v in value)
+        return type(value)(_plain(v, as_arrays) for v in value)
     if isinstance(value, np.generic | np.ndarray | jax.Array):
         array = np.asarray(value)
         if array.ndim == 0:
             return array.item()
-        return to_torch(array) if as_tensors else array.tolist()
+        return array if as_arrays else array.tolist()
     return value

@@ -271,5 +271,19 @@ def from_storage_name(name: str) -> np.dtype | None:
     return _BY_STORAGE.get(name)
 
 
+def all_dtypes() -> tuple[np.dtype, ...]:
+    """Every numpy dtype in the table, in its order.
+
+    Returns:
+      The dtypes; ``torch_name`` and ``storage_name`` give their names in a ``torch.save``
+      pickle.
+
+    Example:
+      >>> [torch_name(d) for d in all_dtypes()][:3]
+      ['bool', 'int8', 'int16']
+    """
+    return tuple(n for n, _, _, _, _ in _TABLE)
+
+
 def _allowed() -> str:
     return ", ".join(name for _, name, _, _, _ in _TABLE)

@@ -1,155 +1,446 @@
-"""``torch.save`` files: read the safe way (``weights_only=True``), written atomically. The only
-files that need PyTorch."""
+"""``torch.save`` files (``.pth``) <-> numpy arrays, without PyTorch.
+
+Reading: the zip format (records under any one folder, stored ones memory-mapped at their
+local header's data offset, deflated ones read into a copy, the ``byteorder`` record
+honoured) and the legacy format (``_use_new_zipfile_serialization=False``). Every tensor is a
+read-only view of its storage's bytes, made only after its offset, sizes and strides are checked
+to fit them (negative strides refused, as torch does), so tensors sharing a storage share one
+buffer. Writing: the zip layout ``torch.save`` writes, byte for byte in structure (protocol 2,
+64-byte aligned stored records, CRCs in the central directory), so ``torch.load`` reads it with
+and without ``mmap=True``.
+"""
 
 from __future__ import annotations
 
-import errno
-import io
+import mmap
 import os
-import pickle
-import re
+import secrets
+import struct
 import sys
-from collections import OrderedDict
-from typing import Any
+import zipfile
+import zlib
+from collections.abc import Callable
+from typing import Any, BinaryIO, NamedTuple
 
+import numpy as np
+
+from interop._dtypes import as_numpy, is_array
 from interop._files import first_line, io_failure, write_atomic
-from interop._torch import require
+from interop._pickle import StorageId, Tensor, dump, load
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_ALIGNMENT = 64
+_MAX_DEFLATE_RATIO = 1100  # deflate cannot expand past about 1032:1
+_ZIP32_LIMIT = 0xFFFFFFFF
+
+
+class _Storage(NamedTuple):
+    dtype: np.dtype
+    typed: bool
+    key: str
+    data: np.ndarray  # its bytes, uint8, read-only; in native byte order for typed storages
 
 
 def read_pth(path: str | os.PathLike[str]) -> Any:
-    """Reads a ``torch.save`` file with ``weights_only=True`` (zip files memory-mapped).
+    """Reads a ``torch.save`` file as ``torch.load(weights_only=True)`` does, with numpy arrays
+    for tensors, never importing PyTorch.
+
+    Arrays are read-only: stored records are memory-mapped (zero-copy); deflated records,
+    big-endian files and tensors with the conj or neg bit are copies. ``torch.Size`` is a
+    tuple, ``Parameter`` its array, ``torch.device`` a string such as ``"cuda:0"``.
 
     Args:
-      path: a ``torch.save`` file.
+      path: a ``torch.save`` file (zip or legacy format).
 
     Returns:
       What it holds.
 
     Raises:
-      ImportError: naming the file when PyTorch is not installed.
-      OSError: when the file cannot be opened.
-      ValueError: naming the file when it is truncated, not a checkpoint, or needs globals that
-        safe loading refuses (listing them, and how to allow exactly those).
+      OSError: naming the file when it cannot be read.
+      ValueError: naming the file and what is wrong when it is not a ``torch.save`` file, is
+        truncated or inconsistent, or needs globals safe loading refuses (naming them).
 
     Example:
-      >>> import tempfile, torch
+      >>> import tempfile
       >>> with tempfile.TemporaryDirectory() as folder:
       ...     path = os.path.join(folder, "ckpt.pth")
-      ...     torch.save({"net": {"fc.bias": torch.zeros(2)}, "epoch": 3}, path)
+      ...     write_pth(path, {"net": {"fc.bias": np.zeros(2, np.float32)}, "epoch": 3})
       ...     read_pth(path)
-      {'net': {'fc.bias': tensor([0., 0.])}, 'epoch': 3}
+      {'net': {'fc.bias': array([0., 0.], dtype=float32)}, 'epoch': 3}
     """
     path = os.fspath(path)
-    torch = require(f"reading {path} (a torch.save file)")
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-    except pickle.UnpicklingError as e:
-        needed = _unsafe_globals(path, str(e)) if "GLOBAL " in str(e) else []
-        if not needed:
-            raise _unreadable(path, f"corrupt or not written by torch.save: {first_line(e)}") from e
-        names = ", ".join(needed)
-        dtypes = (
-            " plus the class of each numpy dtype it stores (numpy.dtypes.Float32DType, ...)"
-            if "numpy.dtype" in needed
-            else ""
-        )
-        raise ValueError(
-            f"{path} needs globals that safe loading refuses: {names}. If you trust this file, "
-            f"allow exactly those{dtypes}: `with torch.serialization.safe_globals([{names}]): ...`"
-        ) from e
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise ValueError(f"{path} is empty, not a PyTorch checkpoint")
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if data[:4] == b"PK\x03\x04":
+                return _read_zip(path, f, data)
     except OSError as e:
-        unreadable = _unreadable(path, f"truncated, or not written by torch.save: {first_line(e)}")
-        raise io_failure(path, e) or unreadable from e
-    except Exception as e:  # a corrupt pickle fails in any of the unpickler's steps
-        raise _unreadable(path, f"truncated, or not written by torch.save: {first_line(e)}") from e
+        raise io_failure(path, e) or _unreadable(path, first_line(e)) from e
+    if data[:3] == b"\x80\x02\x8a":
+        return _read_legacy(path, data)
+    raise _unreadable(path, "neither torch.save's zip nor its legacy format")
 
 
 def _unreadable(path: str, reason: str) -> ValueError:
     return ValueError(f"{path} is not a readable PyTorch checkpoint ({reason})")
 
 
-def _unsafe_globals(path: str, message: str) -> list[str]:
-    """All of them for zip files; the legacy format only tells the first refused one.
-
-    Empty when a name cannot be a global (a damaged pickle): not a dotted name, or naming
-    something a module already imported lacks (``torch._utils._rebu`` of a truncated file).
-    """
+def _read_zip(path: str, file: BinaryIO, data: mmap.mmap) -> Any:
     try:
-        torch = require(f"reading {path} (a torch.save file)")
-        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # legacy or damaged files: the one the message names
-        names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", message)))
-    return names if all(map(_could_exist, names)) else []
+        archive = zipfile.ZipFile(file)
+        infos = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError, struct.error) as e:
+        raise _unreadable(path, f"a damaged zip archive: {first_line(e)}") from None
+    pickles = [i.filename for i in infos if i.filename.endswith("/data.pkl")]
+    folders = {name[: -len("data.pkl")] for name in pickles if name.count("/") == 1}
+    if len(folders) != 1:
+        raise _unreadable(path, f"expected one <folder>/data.pkl record, found {pickles[:5]}")
+    folder = folders.pop()
+    records = {i.filename[len(folder) :]: i for i in infos if i.filename.startswith(folder)}
+    read = _RecordReader(path, archive, data)
+    order = bytes(read(records["byteorder"])).decode("ascii", "replace") if (
+        "byteorder" in records
+    ) else "little"  # fmt: skip
+    if order not in ("little", "big"):
+        raise _unreadable(path, f"its byteorder record says {order[:20]!r}")
+    storages: dict[str, _Storage] = {}
+
+    def storage(pid: StorageId) -> _Storage:
+        if pid.key not in storages:
+            record = records.get(f"data/{pid.key}")
+            if record is None:
+                raise _unreadable(path, f"storage {pid.key!r} has no record data/{pid.key}")
+            raw = _claimed(path, pid, read(record), f"record data/{pid.key}")
+            storages[pid.key] = _storage(pid, raw, order == "big")
+        return storages[pid.key]
+
+    with archive:
+        pickle = bytes(read(records["data.pkl"]))
+        return load(pickle, path, storage, _tensor_maker(path, order == "big"))[0]
 
 
-def _could_exist(name: str) -> bool:
-    module, _, attr = name.rpartition(".")
-    loaded = sys.modules.get(module)
-    return all(p.isidentifier() for p in name.split(".")) and (
-        loaded is None or hasattr(loaded, attr)
-    )
+class _RecordReader:
+    """A zip record's bytes: a view of the mapped file when stored, a copy when deflated."""
+
+    def __init__(self, path: str, archive: zipfile.ZipFile, data: mmap.mmap) -> None:
+        self.path, self.archive, self.data = path, archive, data
+
+    def __call__(self, info: zipfile.ZipInfo) -> np.ndarray:
+        name, size = info.filename, info.file_size
+        if info.compress_type == zipfile.ZIP_DEFLATED:
+            if size > _MAX_DEFLATE_RATIO * info.compress_size + 1024:
+                raise _unreadable(self.path, f"record {name} claims {size:,} bytes inflated")
+            try:
+                with self.archive.open(info) as f:
+                    raw = f.read(size + 1)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                raise _unreadable(self.path, f"record {name}: {first_line(e)}") from None
+            if len(raw) != size:
+                raise _unreadable(self.path, f"record {name} inflates to {len(raw):,} bytes")
+            return np.frombuffer(raw, np.uint8)
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != size:
+            raise _unreadable(self.path, f"record {name} is compressed as torch never writes")
+        header = self.data[info.header_offset : info.header_offset + 30]
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise _unreadable(self.path, f"record {name} has no local header")
+        names, extra = struct.unpack("<HH", header[26:30])
+        start = info.header_offset + 30 + names + extra
+        if start + size > len(self.data):
+            raise _unreadable(self.path, f"record {name} runs past the end of the file")
+        return np.frombuffer(self.data, np.uint8, count=size, offset=start)
 
 
-def save_pth(path: str | os.PathLike[str], checkpoint: dict[str, Any]) -> None:
-    """Writes ``checkpoint`` with ``torch.save``, atomically (see ``write_atomic``).
+def _read_legacy(path: str, data: mmap.mmap) -> Any:
+    """The legacy format: magic, protocol, sys_info, the object pickle, its storage keys, then
+    per key an int64 element count and the raw bytes."""
+    magic, end = load(data, path, _no_storage, _no_tensor)
+    protocol, end = load(data, path, _no_storage, _no_tensor, end)
+    info, end = load(data, path, _no_storage, _no_tensor, end)
+    if magic != _LEGACY_MAGIC or protocol != 1001 or not isinstance(info, dict):
+        raise _unreadable(path, "not torch.save's legacy format (magic number or version)")
+    little = info.get("little_endian", True)
+    if not isinstance(little, bool):
+        raise _unreadable(path, f"its sys_info says little_endian={little!r:.20}")
+    found: dict[str, StorageId] = {}
+    start = end
 
-    Each entry is first checked to load back with ``torch.load(weights_only=True)`` (its
-    tensors stood in for by empty ones, so the check costs little), so nothing is written when
-    one would not.
+    def note(pid: StorageId) -> StorageId:
+        return found.setdefault(pid.key, pid)
+
+    _, end = load(data, path, note, lambda *_: np.empty(0), start)
+    keys, end = load(data, path, _no_storage, _no_tensor, end)
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise _unreadable(path, "its list of storage keys is not a list of strings")
+    storages: dict[str, _Storage] = {}
+    for key in keys:
+        if key not in found or key in storages:
+            raise _unreadable(path, f"storage key {key!r} is unknown or listed twice")
+        count = int.from_bytes(data[end : end + 8], "little" if little else "big")
+        pid = found[key]
+        if len(data) < end + 8 or count != pid.numel:
+            raise _unreadable(path, f"storage {key!r} holds {count:,} elements, not {pid.numel:,}")
+        raw = np.frombuffer(data, np.uint8, count=len(data) - end - 8, offset=end + 8)
+        raw = _claimed(path, pid, raw, f"storage {key!r}")
+        storages[key] = _storage(pid, raw, not little)
+        end += 8 + raw.size
+    missing = sorted(set(found) - set(storages))
+    if missing:
+        raise _unreadable(path, f"storages {missing[:5]} have no data")
+    return load(data, path, lambda pid: storages[pid.key], _tensor_maker(path, not little), start)[
+        0
+    ]
+
+
+def _no_storage(pid: StorageId) -> Any:
+    raise ValueError(f"storage {pid.key!r} where the format has none")
+
+
+def _no_tensor(*_: Any) -> Any:
+    raise ValueError("a tensor where the format has none")
+
+
+def _claimed(path: str, pid: StorageId, raw: np.ndarray, where: str) -> np.ndarray:
+    """The bytes a persistent id claims, checked to be there."""
+    size = pid.numel * pid.dtype.itemsize
+    if raw.size < size:
+        raise _unreadable(
+            path, f"storage {pid.key!r} claims {size:,} bytes, {where} has {raw.size:,}"
+        )
+    return raw[:size]
+
+
+def _storage(pid: StorageId, raw: np.ndarray, big: bool) -> _Storage:
+    if big and pid.typed and pid.dtype.itemsize > 1:
+        raw = _swapped(raw, pid.dtype)
+    return _Storage(pid.dtype, pid.typed, pid.key, raw)
+
+
+def _swapped(raw: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Big-endian bytes in native order, swapped per element (per part for complex)."""
+    part = dtype.itemsize // 2 if dtype.kind == "c" else dtype.itemsize
+    out = raw.view(f"u{part}").byteswap().view(np.uint8)
+    out.flags.writeable = False
+    return out
+
+
+def _tensor_maker(path: str, big: bool) -> Callable[..., np.ndarray]:
+    def tensor(
+        storage: _Storage,
+        offset: int,
+        size: tuple[int, ...],
+        stride: tuple[int, ...],
+        dtype: np.dtype | None,
+    ) -> np.ndarray:
+        dtype = storage.dtype if dtype is None else dtype
+        where = f"a tensor of size {size}, stride {stride} and offset {offset}"
+        if big and not storage.typed and dtype.itemsize > 1:
+            raise _unreadable(
+                path,
+                f"{where} is {dtype} in a big-endian file, which torch reads unswapped; "
+                "convert the file on a big-endian machine",
+            )
+        if offset < 0 or min(size + stride, default=0) < 0:
+            raise _unreadable(path, f"{where}: negative numbers, which torch refuses too")
+        items = storage.data.size // dtype.itemsize
+        if 0 in size:
+            extent = 0
+        else:
+            extent = offset + 1 + sum(s * (n - 1) for n, s in zip(size, stride, strict=True))
+        if extent > items:
+            raise _unreadable(
+                path, f"{where} needs {extent:,} elements of storage {storage.key!r}, which "
+                f"holds {items:,} of {dtype}",
+            )  # fmt: skip
+        if extent == 0:
+            empty = np.zeros(size, dtype)
+            empty.flags.writeable = False
+            return empty
+        elements = storage.data[: items * dtype.itemsize].view(dtype)[offset:]
+        strides = tuple(s * dtype.itemsize for s in stride)
+        try:
+            return np.lib.stride_tricks.as_strided(elements, size, strides, writeable=False)
+        except ValueError as e:  # more elements than numpy can index
+            raise _unreadable(path, f"{where}: {first_line(e)}") from None
+
+    return tensor
+
+
+def write_pth(path: str | os.PathLike[str], obj: Any) -> None:
+    """Writes ``obj`` as ``torch.save`` would, without PyTorch, atomically (``write_atomic``).
+
+    numpy and jax arrays (and tensors, when PyTorch is there) become tensors of their dtype and
+    shape (0-d kept); one array object under several keys becomes one tensor (one storage), as
+    ``torch.save`` writes tied weights. An array that is a permuted view of contiguous memory (a
+    transposed kernel) is written as that memory with its strides, without a copy, as
+    ``torch.save`` writes a transposed tensor.
 
     Args:
       path: the file to write.
-      checkpoint: what ``torch.save`` should store.
+      obj: dicts, ``OrderedDict`` (with its ``_metadata``), lists, tuples, sets, str, bytes,
+        int, float, complex, bool, None and arrays, nested.
 
     Raises:
-      ImportError: naming the file when PyTorch is not installed.
-      TypeError: naming the first entry that would not load back, and what it needs.
+      TypeError: naming the key path of a value ``torch.load(weights_only=True)`` would not
+        read back (e.g. ``object()``, a numpy scalar: pass ``float(x)`` or ``np.asarray(x)``),
+        or an array of a dtype outside the table; before anything is written.
       OSError: when the file cannot be written; ``path`` is then untouched.
 
     Example:
-      >>> import tempfile, torch
+      >>> import tempfile
       >>> with tempfile.TemporaryDirectory() as folder:
       ...     path = os.path.join(folder, "ckpt.pth")
-      ...     save_pth(path, {"net": {"w": torch.ones(2)}, "epoch": 1})
-      ...     torch.load(path, weights_only=True)["epoch"]
-      1
+      ...     write_pth(path, {"w": np.ones((2, 3), np.float32).T, "epoch": 1})
+      ...     read_pth(path)["w"].strides
+      (4, 12)
     """
-    torch = require(f"writing {os.fspath(path)} (a torch.save file)")
-    for key, value in checkpoint.items():
-        buffer = io.BytesIO()
+    blocks: list[np.ndarray] = []
+
+    def tensor(value: Any, where: str) -> Tensor | None:
+        if not is_array(value):
+            if isinstance(value, np.generic):
+                raise TypeError(
+                    f"cannot store {where} (a numpy {value.dtype} scalar): torch.load("
+                    "weights_only=True) refuses numpy scalars; pass float(x), int(x) or "
+                    "np.asarray(x)"
+                )
+            return None
         try:
-            torch.save(_without_data(value), buffer)
-            buffer.seek(0)
-            torch.load(buffer, weights_only=True)
-        except Exception as e:  # pickling or safe loading refused it
-            raise TypeError(
-                f"entry {key!r} would not load back with torch.load(weights_only=True) "
-                f"({first_line(e)}); store numbers, strings, lists, dicts and tensors instead"
-            ) from e
-    write_atomic(path, lambda temp: _torch_save(checkpoint, temp))
+            array = as_numpy(value)
+        except TypeError as e:
+            raise TypeError(f"cannot store {where}: {e}") from None
+        block, strides = _memory(array)
+        blocks.append(block)
+        return Tensor(str(len(blocks) - 1), block, 0, array.shape, strides)
+
+    pickle = dump(obj, tensor)
+    stem = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+    folder = stem if stem.isprintable() and stem.isascii() and stem else "archive"
+    write_atomic(path, lambda temp: _write_zip(temp, folder, pickle, blocks))
 
 
-def _torch_save(checkpoint: dict[str, Any], temp: str) -> None:
-    """``torch.save``, its zip writer's failures (a full disk) raised as the OSError they are.
+def _memory(array: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The 1-d memory a tensor of ``array`` views, and its strides in elements: the array's
+    own memory when it is a permuted contiguous array, else a contiguous copy."""
+    itemsize = array.dtype.itemsize
+    if array.size > 1 and all(s >= 0 and s % itemsize == 0 for s in array.strides):
+        order = np.argsort(array.strides, kind="stable")[::-1]
+        permuted = array.transpose(order)
+        if permuted.flags.c_contiguous:
+            return permuted.reshape(-1), tuple(s // itemsize for s in array.strides)
+    dense = np.ascontiguousarray(array)
+    strides = [1] * array.ndim
+    for axis in range(array.ndim - 2, -1, -1):
+        strides[axis] = strides[axis + 1] * max(array.shape[axis + 1], 1)
+    return dense.reshape(-1), tuple(strides)
 
-    The entries were already pickled in memory by ``save_pth``, so a RuntimeError here comes
-    from writing the file (torch reports short writes as e.g. ``unexpected pos 832 vs 726``).
+
+def _write_zip(temp: str, folder: str, pickle: bytes, blocks: list[np.ndarray]) -> None:
+    records: list[tuple[str, Any]] = [
+        ("data.pkl", pickle),
+        (".format_version", b"1"),
+        (".storage_alignment", str(_ALIGNMENT).encode()),
+        ("byteorder", sys.byteorder.encode()),
+        *((f"data/{i}", memoryview(b.view(np.uint8))) for i, b in enumerate(blocks)),
+        ("version", b"3\n"),
+        (".data/serialization_id", f"{secrets.randbelow(10**40):040d}".encode()),
+    ]
+    with open(temp, "wb") as f:
+        _ZipWriter(f).write_all(folder, records)
+
+
+class _ZipWriter:
+    """The zip layout of ``torch.save`` (miniz): local headers with a padding extra field
+    (``FB``) so each payload starts on a 64-byte boundary, zero CRC and sizes there and a data
+    descriptor after the payload, the real ones in the central directory, zip64 end records."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.pos = f, 0
+        self.central: list[bytes] = []
+
+    def put(self, data: Any) -> None:
+        self.f.write(data)
+        self.pos += len(data) if isinstance(data, bytes) else data.nbytes
+
+    def write_all(self, folder: str, records: list[tuple[str, Any]]) -> None:
+        for name, data in records:
+            self.record(f"{folder}/{name}".encode(), data)
+        start, count = self.pos, len(self.central)
+        for entry in self.central:
+            self.put(entry)
+        size, end = self.pos - start, self.pos
+        self.put(struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 0x31E, 45, 0, 0, count, count,
+                             size, start))  # fmt: skip
+        self.put(struct.pack("<4sIQI", b"PK\x06\x07", 0, end, 1))
+        self.put(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, min(count, 0xFFFF),
+                             min(count, 0xFFFF), min(size, _ZIP32_LIMIT),
+                             min(start, _ZIP32_LIMIT), 0))  # fmt: skip
+
+    def record(self, name: bytes, data: Any) -> None:
+        size = len(data) if isinstance(data, bytes) else data.nbytes
+        offset = self.pos
+        if max(size, offset) >= _ZIP32_LIMIT:
+            raise OSError(f"records past 4 GiB need zip64 fields this writer does not write "
+                          f"({name.decode()}: {size:,} bytes at {offset:,})")  # fmt: skip
+        padding = -(offset + 30 + len(name) + 4) % _ALIGNMENT
+        extra = b"FB" + struct.pack("<H", padding) + b"Z" * padding
+        self.put(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 0, 0x808, 0, 0, 0, 0, 0, 0,
+                             len(name), len(extra)) + name + extra)  # fmt: skip
+        crc = zlib.crc32(data)
+        self.put(data)
+        self.put(struct.pack("<4sIII", b"PK\x07\x08", crc, size, size))
+        self.central.append(
+            struct.pack(
+                "<4sHHHHHHIIIHHHHHII",
+                b"PK\x01\x02",
+                0,
+                0,
+                0x808,
+                0,
+                0,
+                0,
+                crc,
+                size,
+                size,
+                len(name),
+                0,
+                0,
+                0,
+                0,
+                0,
+                offset,
+            )
+            + name  # fmt: skip
+        )
+
+
+def write_checkpoint(path: str | os.PathLike[str], obj: Any) -> None:
+    """Writes ``obj`` as a ``torch.save`` file without PyTorch (``write_pth``), which
+    ``torch.load(path, weights_only=True)`` reads bit-exactly, with or without ``mmap=True``.
+
+    Args:
+      path: the file to write (not ``.safetensors``: ``save_checkpoint`` writes those).
+      obj: a checkpoint: dicts, lists, tuples, sets, str, bytes, numbers, None and numpy or
+        jax arrays (tensors too, when PyTorch is there), nested.
+
+    Raises:
+      ValueError: for a ``.safetensors`` path.
+      TypeError: naming the key path of a value it cannot write, before anything is written.
+      OSError: when the file cannot be written; ``path`` is then untouched.
+
+    Example:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as folder:
+      ...     path = os.path.join(folder, "ckpt.pth")
+      ...     write_checkpoint(path, {"ema_net": {"w": np.ones(2, np.float32)}, "epoch": 7})
+      ...     read_pth(path)["epoch"]
+      7
     """
-    try:
-        require("writing a torch.save file").save(checkpoint, temp)
-    except RuntimeError as e:
-        raise OSError(errno.EIO, f"torch.save could not write the file ({first_line(e)})") from e
-
-
-def _without_data(value: Any) -> Any:
-    """``value`` with each plain tensor in its dicts, lists and tuples made empty."""
-    torch = require("writing a torch.save file")
-    if type(value) in (torch.Tensor, torch.nn.Parameter) and not value.is_quantized:
-        return torch.empty(0, dtype=value.dtype)
-    if type(value) in (dict, OrderedDict):
-        return type(value)((k, _without_data(v)) for k, v in value.items())
-    if type(value) in (list, tuple):
-        return type(value)(map(_without_data, value))
-    return value
+    if os.fspath(path).endswith(".safetensors"):
+        raise ValueError(
+            f"write_checkpoint writes torch.save files, not {os.fspath(path)}; use "
+            "save_checkpoint for a safetensors file"
+        )
+    write_pth(path, obj)

@@ -33,8 +33,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     both occur; any other safetensors file, e.g. one whose keys all start with ``net.`` and no
     marker (a model whose only child is ``self.net``), is a bare state_dict.
 
-    A ``torch.save`` file is read with ``weights_only=True`` (``read_pth``, which needs
-    PyTorch); a safetensors file as numpy arrays (``read_safetensors``, which does not).
+    A ``torch.save`` file is read as ``torch.load(weights_only=True)`` reads it, with numpy
+    arrays for tensors and without PyTorch (``read_pth``: read-only, memory-mapped, safe by
+    construction); a safetensors file as numpy arrays too (``read_safetensors``).
 
     Args:
       path: a ``torch.save`` file or a safetensors file (told apart by content, not name).
@@ -43,10 +44,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
       What the file holds: usually a dict of sections and other entries, or a state_dict.
 
     Raises:
-      ImportError: for a ``torch.save`` file when PyTorch is not installed.
       OSError: when the file cannot be opened.
-      ValueError: naming the file when it is unreadable, unsafe, or its marker lists sections
-        other than ``net`` and ``ema_net``.
+      ValueError: naming the file when it is unreadable, unsafe (naming the globals it needs),
+        or its marker lists sections other than ``net`` and ``ema_net``.
 
     Example:
       >>> import tempfile

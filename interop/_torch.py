@@ -1,4 +1,5 @@
-"""PyTorch, imported on first use: interop imports and handles safetensors files without it."""
+"""PyTorch, imported on first use: interop reads and writes ``.pth`` and safetensors files
+without it; only ``nn.Module`` templates and ``flax_to_torch``'s tensors need it."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def require(operation: str) -> ModuleType:
         import torch
     except ImportError as e:
         raise ImportError(
-            f"{operation} needs PyTorch, which is not installed: {INSTALL}. Safetensors files "
-            "load, save and inspect without it."
+            f"{operation} needs PyTorch, which is not installed: {INSTALL}. .pth and "
+            "safetensors files load, save and inspect without it; PyTorch is needed only for "
+            "nn.Module templates and flax_to_torch's tensors."
         ) from e
     return torch
 
