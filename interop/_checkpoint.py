@@ -54,8 +54,8 @@ def load_checkpoint(
     """Loads ``net`` or ``ema_net`` from a ``.pth``/``.safetensors`` file into a Flax template.
 
     Args:
-      path: a ``torch.save`` checkpoint (SuperGradients layout or a bare state_dict), read
-        with ``weights_only=True`` (needs PyTorch), or a safetensors file (does not).
+      path: a ``torch.save`` checkpoint (SuperGradients layout or a bare state_dict) or a
+        safetensors file, read by ``read_checkpoint`` (no PyTorch needed).
       template: linen variables, an nnx model or state (see ``torch_to_flax``).
       which: ``"auto"`` (``ema_net`` when present, else ``net``), ``"net"`` or ``"ema_net"``.
       prefix: load one part of a composite checkpoint, e.g. ``"teacher."`` of a KD model, or
@@ -70,7 +70,6 @@ def load_checkpoint(
       ``strict=False``.
 
     Raises:
-      ImportError: for a ``torch.save`` file when PyTorch is not installed.
       OSError: when the file cannot be opened.
       ValueError: naming the file, for unreadable or unsafe files, a missing section, or
         mismatches (strict).
@@ -106,13 +105,15 @@ _LOAD_ONLY = ("which", "prefix", "template")  # load_checkpoint's options: never
 @overload
 def save_checkpoint(
     path: str | os.PathLike[str], *, net: Variables, ema_net: Variables | None = ...,
-    torch_template: TorchTemplate | None = ..., strict: Literal[True] = ...,
+    torch_template: TorchTemplate | str | os.PathLike[str] | None = ...,
+    strict: Literal[True] = ...,
     rename: Rename | None = ..., match_by_order: bool = ..., cast: bool = ..., **extra: Any,
 ) -> None: ...  # fmt: skip
 @overload
 def save_checkpoint(
     path: str | os.PathLike[str], *, net: Variables, ema_net: Variables | None = ...,
-    torch_template: TorchTemplate | None = ..., strict: Literal[False],
+    torch_template: TorchTemplate | str | os.PathLike[str] | None = ...,
+    strict: Literal[False],
     rename: Rename | None = ..., match_by_order: bool = ..., cast: bool = ..., **extra: Any,
 ) -> dict[str, Report]: ...  # fmt: skip
 
@@ -122,7 +123,7 @@ def save_checkpoint(
     *,
     net: Variables,
     ema_net: Variables | None = None,
-    torch_template: TorchTemplate | None = None,
+    torch_template: TorchTemplate | str | os.PathLike[str] | None = None,
     strict: bool = True,
     rename: Rename | None = None,
     match_by_order: bool = False,
@@ -134,10 +135,10 @@ def save_checkpoint(
     ``.safetensors`` paths get flat ``net.<key>``/``ema_net.<key>`` tensors with ``extra`` as
     JSON metadata, plus ``{"jema.sections": "net,ema_net"}`` (the sections written) so the file
     reads back as sections even with ``net`` alone, and ``jema.tied`` naming tied keys (stored
-    twice: the format cannot share) so they read back as one; they need no PyTorch. Anything
-    else is a ``torch.save`` dict ``{"net", "ema_net", **extra}`` that
-    ``torch.load(weights_only=True)`` reads: numpy/jax scalars in ``extra`` become Python
-    numbers and arrays become tensors.
+    twice: the format cannot share) so they read back as one. Anything else is a ``torch.save``
+    dict ``{"net", "ema_net", **extra}`` that ``torch.load(weights_only=True)`` reads, written
+    by ``write_checkpoint``: numpy/jax scalars in ``extra`` become Python numbers and arrays
+    become tensors. Neither needs PyTorch.
     Its kernels are PyTorch-layout views of the Flax arrays' memory, written without a
     transposing copy: ``torch.load`` gives them with those strides (not contiguous), and
     ``load_state_dict`` copies them as it copies any tensor. ``ema_net`` that is ``net`` is
@@ -158,7 +159,9 @@ def save_checkpoint(
       path: the file to write.
       net: linen variables, an nnx model or state, or a mapping of names to those.
       ema_net: the EMA weights, same kinds; omitted when None.
-      torch_template: an ``nn.Module`` or state_dict giving names, order, dtypes and buffers.
+      torch_template: an ``nn.Module`` (needs PyTorch) or a state_dict (tensors or numpy
+        arrays) giving names, order, dtypes and buffers, or a ``.pth``/``.safetensors`` file
+        holding one (its ``net``, else its bare state_dict; no PyTorch needed).
       strict, rename, match_by_order, cast: as in ``flax_to_torch``; ``strict=False`` writes
         the template's values where Flax has none, and returns the reports.
       **extra: other entries, e.g. ``epoch=3, acc=0.91``.
@@ -167,8 +170,6 @@ def save_checkpoint(
       None; with ``strict=False``, a ``Report`` per section written (``"net"``, ``"ema_net"``).
 
     Raises:
-      ImportError: for a ``torch.save`` path (or an ``nn.Module`` template) when PyTorch is
-        not installed, before anything is converted.
       ValueError: listing mismatches against the template (strict); for a safetensors path,
         when ``extra`` has a reserved key (``jema.sections``, ``jema.tied``); naming an
         ``extra`` called like an option of ``load_checkpoint`` (``which``, ``prefix``,
@@ -195,6 +196,8 @@ def save_checkpoint(
             "strict= and cast= to choose what is written; other keywords are stored as entries"
         )
     safetensors = os.fspath(path).endswith(".safetensors")
+    if isinstance(torch_template, str | os.PathLike):
+        torch_template = pick_section(read_checkpoint(torch_template), "net", torch_template)
     options: Options = {"rename": rename, "match_by_order": match_by_order, "cast": cast}
     converted: dict[str, Any] = {"net": state_dict(net, torch_template, strict, options)}
     if ema_net is not None:

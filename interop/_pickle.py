@@ -30,7 +30,11 @@ from interop._dtypes import all_dtypes, numpy_dtype, storage_name, torch_name
 
 
 class Refused(ValueError):
-    """What a pickle holds that the reader refuses; ``load`` adds the file and byte."""
+    """A pickle that is malformed or misuses an opcode; ``load`` adds the file and byte."""
+
+
+class Unsafe(Refused):
+    """A pickle that needs what safe loading does not allow (a global, an opcode)."""
 
 
 @dataclass(frozen=True)
@@ -234,8 +238,12 @@ def load(
     machine = _Machine(data, path, storage, tensor, start)
     try:
         return machine.run(), machine.pos
+    except Unsafe as e:
+        raise ValueError(f"{path} {e} (pickle byte {machine.op_at})") from None
     except Refused as e:
-        raise ValueError(f"{path}: {e} (pickle byte {machine.op_at})") from None
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint ({e}, at pickle byte {machine.op_at})"
+        ) from None
     except (IndexError, KeyError, TypeError, ValueError, struct.error, RecursionError) as e:
         raise ValueError(
             f"{path} is not a readable PyTorch checkpoint (corrupt pickle at byte "
@@ -271,14 +279,14 @@ class _Machine:
         memo_limit = self.end - self.start  # more entries than bytes cannot be
         unpack = struct.unpack
         if bytes(self.read(2)) != b"\x80\x02":
-            raise Refused("not a protocol 2 pickle, which torch.save writes")
+            raise Unsafe("is not a protocol 2 pickle, which torch.save writes")
         while True:
             self.op_at = self.pos
             op = bytes(self.read(1))
             name = _OPS.get(op)
             if name is None:
-                raise Refused(
-                    f"opcode {op!r} is not one torch.load(weights_only=True) allows either"
+                raise Unsafe(
+                    f"uses pickle opcode {op!r}, which torch.load(weights_only=True) refuses too"
                 )
             if name == "BINPUT" or name == "LONG_BINPUT":
                 index = self.read(1)[0] if name == "BINPUT" else unpack("<I", self.read(4))[0]
@@ -315,7 +323,7 @@ class _Machine:
             elif name == "GLOBAL":
                 full = global_name(self.line(), self.line())
                 if full not in _GLOBALS:
-                    raise Refused(self.refused_globals())
+                    raise Unsafe(self.refused_globals())
                 stack.append(_GLOBALS[full])
             elif name == "BINPERSID":
                 stack.append(self.persistent(stack.pop()))
@@ -374,7 +382,7 @@ class _Machine:
         if isinstance(func, _Rebuild):
             return self.rebuild(func.name, args)
         if id(func) not in _NAMES or isinstance(func, StorageType | TorchDtype):
-            raise Refused(f"REDUCE of {type(func).__name__}, not a function the table allows")
+            raise Unsafe(f"calls a {type(func).__name__}, which safe loading does not call")
         return func(*args)
 
     def rebuild(self, name: str, args: tuple[Any, ...]) -> Any:
@@ -428,15 +436,19 @@ class _Machine:
                 raise Refused("BUILD of an OrderedDict with attribute names that are not names")
             target.__dict__.update(state)
         else:
-            raise Refused(f"BUILD on a {type(target).__name__}: only an OrderedDict's attributes")
+            raise Unsafe(
+                f"uses BUILD on a {type(target).__name__}, where safe loading only sets an "
+                "OrderedDict's attributes"
+            )
 
     def refused_globals(self) -> str:
         """The message for a global outside the table, naming every one the pickle needs."""
         needed = sorted({g for g in self.globals_named() if g not in _GLOBALS})
         return (
-            f"needs globals that safe loading does not allow: {', '.join(needed)}. This "
-            "reader runs no code from a file; it reads tensors, Parameters, containers, "
-            "numbers, strings and bytes, as torch.load(weights_only=True) does"
+            f"needs globals this reader does not allow: {', '.join(needed)}. It runs no code "
+            "from a file and reads what torch.load(weights_only=True) reads but sparse, "
+            "quantized, meta and complex32 tensors: dense tensors, Parameters, containers, "
+            "numbers, strings and bytes"
         )
 
     def globals_named(self) -> list[str]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from interop._dtypes import as_numpy, is_array
 from interop._files import first_line, io_failure, write_atomic
-from interop._pickle import StorageId, Tensor, dump, load
+from interop._pickle import Refused, StorageId, Tensor, dump, load
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _ALIGNMENT = 64
@@ -92,7 +92,7 @@ def _read_zip(path: str, file: BinaryIO, data: mmap.mmap) -> Any:
     try:
         archive = zipfile.ZipFile(file)
         infos = archive.infolist()
-    except (zipfile.BadZipFile, ValueError, EOFError, struct.error) as e:
+    except Exception as e:  # zipfile fails in many ways on a damaged directory
         raise _unreadable(path, f"a damaged zip archive: {first_line(e)}") from None
     pickles = [i.filename for i in infos if i.filename.endswith("/data.pkl")]
     folders = {name[: -len("data.pkl")] for name in pickles if name.count("/") == 1}
@@ -100,56 +100,61 @@ def _read_zip(path: str, file: BinaryIO, data: mmap.mmap) -> Any:
         raise _unreadable(path, f"expected one <folder>/data.pkl record, found {pickles[:5]}")
     folder = folders.pop()
     records = {i.filename[len(folder) :]: i for i in infos if i.filename.startswith(folder)}
-    read = _RecordReader(path, archive, data)
-    order = bytes(read(records["byteorder"])).decode("ascii", "replace") if (
-        "byteorder" in records
-    ) else "little"  # fmt: skip
-    if order not in ("little", "big"):
+    read = _RecordReader(archive, data)
+    try:
+        order = bytes(read(records["byteorder"])) if "byteorder" in records else b"little"
+    except Refused as e:
+        raise _unreadable(path, str(e)) from None
+    if order not in (b"little", b"big"):
         raise _unreadable(path, f"its byteorder record says {order[:20]!r}")
+    big = order == b"big"
     storages: dict[str, _Storage] = {}
 
     def storage(pid: StorageId) -> _Storage:
         if pid.key not in storages:
             record = records.get(f"data/{pid.key}")
             if record is None:
-                raise _unreadable(path, f"storage {pid.key!r} has no record data/{pid.key}")
-            raw = _claimed(path, pid, read(record), f"record data/{pid.key}")
-            storages[pid.key] = _storage(pid, raw, order == "big")
+                raise Refused(f"storage {pid.key!r} has no record data/{pid.key}")
+            raw = _claimed(pid, read(record), f"record data/{pid.key}")
+            storages[pid.key] = _storage(pid, raw, big)
         return storages[pid.key]
 
     with archive:
-        pickle = bytes(read(records["data.pkl"]))
-        return load(pickle, path, storage, _tensor_maker(path, order == "big"))[0]
+        try:
+            pickle = bytes(read(records["data.pkl"]))
+        except Refused as e:
+            raise _unreadable(path, str(e)) from None
+        return load(pickle, path, storage, _tensor_maker(big))[0]
 
 
 class _RecordReader:
     """A zip record's bytes: a view of the mapped file when stored, a copy when deflated."""
 
-    def __init__(self, path: str, archive: zipfile.ZipFile, data: mmap.mmap) -> None:
-        self.path, self.archive, self.data = path, archive, data
+    def __init__(self, archive: zipfile.ZipFile, data: mmap.mmap) -> None:
+        self.archive, self.data = archive, data
 
     def __call__(self, info: zipfile.ZipInfo) -> np.ndarray:
         name, size = info.filename, info.file_size
         if info.compress_type == zipfile.ZIP_DEFLATED:
             if size > _MAX_DEFLATE_RATIO * info.compress_size + 1024:
-                raise _unreadable(self.path, f"record {name} claims {size:,} bytes inflated")
+                raise Refused(f"record {name} claims {size:,} bytes inflated")
             try:
                 with self.archive.open(info) as f:
                     raw = f.read(size + 1)
             except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-                raise _unreadable(self.path, f"record {name}: {first_line(e)}") from None
+                raise Refused(f"record {name}: {first_line(e)}") from None
             if len(raw) != size:
-                raise _unreadable(self.path, f"record {name} inflates to {len(raw):,} bytes")
+                raise Refused(f"record {name} inflates to {len(raw):,} bytes")
             return np.frombuffer(raw, np.uint8)
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != size:
-            raise _unreadable(self.path, f"record {name} is compressed as torch never writes")
+            raise Refused(f"record {name} is compressed as torch never writes")
         header = self.data[info.header_offset : info.header_offset + 30]
         if len(header) != 30 or header[:4] != b"PK\x03\x04":
-            raise _unreadable(self.path, f"record {name} has no local header")
+            raise Refused(f"record {name} has no local header")
         names, extra = struct.unpack("<HH", header[26:30])
         start = info.header_offset + 30 + names + extra
         if start + size > len(self.data):
-            raise _unreadable(self.path, f"record {name} runs past the end of the file")
+            raise Refused(f"record {name} runs past the end of the file")
         return np.frombuffer(self.data, np.uint8, count=size, offset=start)
 
 
@@ -183,32 +188,31 @@ def _read_legacy(path: str, data: mmap.mmap) -> Any:
         if len(data) < end + 8 or count != pid.numel:
             raise _unreadable(path, f"storage {key!r} holds {count:,} elements, not {pid.numel:,}")
         raw = np.frombuffer(data, np.uint8, count=len(data) - end - 8, offset=end + 8)
-        raw = _claimed(path, pid, raw, f"storage {key!r}")
+        try:
+            raw = _claimed(pid, raw, f"the file after storage {key!r}'s size")
+        except Refused as e:
+            raise _unreadable(path, str(e)) from None
         storages[key] = _storage(pid, raw, not little)
         end += 8 + raw.size
     missing = sorted(set(found) - set(storages))
     if missing:
         raise _unreadable(path, f"storages {missing[:5]} have no data")
-    return load(data, path, lambda pid: storages[pid.key], _tensor_maker(path, not little), start)[
-        0
-    ]
+    return load(data, path, lambda pid: storages[pid.key], _tensor_maker(not little), start)[0]
 
 
 def _no_storage(pid: StorageId) -> Any:
-    raise ValueError(f"storage {pid.key!r} where the format has none")
+    raise Refused(f"storage {pid.key!r} where the format has none")
 
 
 def _no_tensor(*_: Any) -> Any:
-    raise ValueError("a tensor where the format has none")
+    raise Refused("a tensor where the format has none")
 
 
-def _claimed(path: str, pid: StorageId, raw: np.ndarray, where: str) -> np.ndarray:
+def _claimed(pid: StorageId, raw: np.ndarray, where: str) -> np.ndarray:
     """The bytes a persistent id claims, checked to be there."""
     size = pid.numel * pid.dtype.itemsize
     if raw.size < size:
-        raise _unreadable(
-            path, f"storage {pid.key!r} claims {size:,} bytes, {where} has {raw.size:,}"
-        )
+        raise Refused(f"storage {pid.key!r} claims {size:,} bytes, {where} holds {raw.size:,}")
     return raw[:size]
 
 
@@ -226,7 +230,9 @@ def _swapped(raw: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return out
 
 
-def _tensor_maker(path: str, big: bool) -> Callable[..., np.ndarray]:
+def _tensor_maker(big: bool) -> Callable[..., np.ndarray]:
+    """Makes each tensor a read-only view of its storage, once it is checked to fit."""
+
     def tensor(
         storage: _Storage,
         offset: int,
@@ -237,23 +243,22 @@ def _tensor_maker(path: str, big: bool) -> Callable[..., np.ndarray]:
         dtype = storage.dtype if dtype is None else dtype
         where = f"a tensor of size {size}, stride {stride} and offset {offset}"
         if big and not storage.typed and dtype.itemsize > 1:
-            raise _unreadable(
-                path,
+            raise Refused(
                 f"{where} is {dtype} in a big-endian file, which torch reads unswapped; "
-                "convert the file on a big-endian machine",
+                "convert the file on a big-endian machine"
             )
         if offset < 0 or min(size + stride, default=0) < 0:
-            raise _unreadable(path, f"{where}: negative numbers, which torch refuses too")
+            raise Refused(f"{where}: negative numbers, which torch refuses too")
         items = storage.data.size // dtype.itemsize
         if 0 in size:
             extent = 0
         else:
             extent = offset + 1 + sum(s * (n - 1) for n, s in zip(size, stride, strict=True))
         if extent > items:
-            raise _unreadable(
-                path, f"{where} needs {extent:,} elements of storage {storage.key!r}, which "
-                f"holds {items:,} of {dtype}",
-            )  # fmt: skip
+            raise Refused(
+                f"{where} needs {extent:,} elements of storage {storage.key!r}, which holds "
+                f"{items:,} of {dtype}"
+            )
         if extent == 0:
             empty = np.zeros(size, dtype)
             empty.flags.writeable = False
@@ -263,7 +268,7 @@ def _tensor_maker(path: str, big: bool) -> Callable[..., np.ndarray]:
         try:
             return np.lib.stride_tricks.as_strided(elements, size, strides, writeable=False)
         except ValueError as e:  # more elements than numpy can index
-            raise _unreadable(path, f"{where}: {first_line(e)}") from None
+            raise Refused(f"{where}: {first_line(e)}") from None
 
     return tensor
 

@@ -1,5 +1,6 @@
 """Damaged and malformed checkpoint files: ``load_checkpoint`` and ``inspect_checkpoint`` end in
-a ``ValueError`` or ``OSError`` naming the file, never in a raw library exception.
+a ``ValueError`` or ``OSError`` naming the file, never in a raw library exception. No PyTorch
+needed: the seeds and kept files were written by it once.
 
 ``tests/data/interop_bad/seeds`` holds three valid files (zip and legacy ``torch.save``,
 safetensors); the fuzz test mutates them with a fixed seed. Every input that once escaped as
@@ -10,12 +11,10 @@ from __future__ import annotations
 
 import pathlib
 import random
-import warnings
 
 import jax
 import numpy as np
 import pytest
-import torch
 
 import interop
 
@@ -111,17 +110,17 @@ def test_every_cut_near_the_end_fails_with_the_file_name(seed, tmp_path) -> None
 
 # What each kept file once raised, and what it says now (after the file name).
 KEPT = {
-    "legacy_attribute.pth": ("AttributeError", "not a readable PyTorch checkpoint"),
-    "legacy_cut_in_a_global.pth": ("'needs globals torch._utils._reb'", "GLOBAL torch._utils._reb"),
-    "legacy_one_byte.pth": ("IndexError", "not a readable PyTorch checkpoint"),
-    "legacy_rebuild_args.pth": ("TypeError", "_rebuild_tensor_v2() missing 2"),
-    "legacy_storage_key.pth": ("AssertionError", "saved_id must be a tuple"),
-    "legacy_struct.pth": ("struct.error", "unpack requires a buffer"),
-    "zip_attribute.pth": ("AttributeError", "'dict' object has no attribute 'dtype'"),
-    "zip_cut_last_byte.pth": ("OSError [Errno 22] without a file name", "truncated"),
-    "zip_index.pth": ("IndexError", "list index out of range"),
+    "legacy_attribute.pth": ("AttributeError", "storage key '94380740853744' is unknown"),
+    "legacy_cut_in_a_global.pth": ("'needs globals torch._utils._reb'", "overlong GLOBAL name"),
+    "legacy_one_byte.pth": ("IndexError", "truncated: 1 bytes claimed, 0 left"),
+    "legacy_rebuild_args.pth": ("TypeError", "_rebuild_tensor_v2: expected 6 or 7 arguments"),
+    "legacy_storage_key.pth": ("AssertionError", "persistent id 42: only storages are allowed"),
+    "legacy_struct.pth": ("struct.error", "truncated: 2 bytes claimed, 1 left"),
+    "zip_attribute.pth": ("AttributeError", "expected a storage type, key and size"),
+    "zip_cut_last_byte.pth": ("OSError [Errno 22] without a file name", "damaged zip archive"),
+    "zip_index.pth": ("IndexError", "corrupt pickle at byte 34"),
     "zip_not_tensors.pth": ("TypeError", "'ema_net' must map str names to arrays or tensors"),
-    "zip_operand.pth": ("UnpicklingError", "Can only append to lists, but got <class 'dict'>"),
+    "zip_operand.pth": ("UnpicklingError", "APPEND to a dict, not a list"),
 }
 
 
@@ -142,12 +141,12 @@ def test_kept_bad_files_fail_with_the_file_name(name) -> None:
         assert "needs globals" not in str(e.value)
 
 
-GOOD = {"fc.weight": torch.ones(2, 2), "fc.bias": torch.ones(2)}
-BN = {"bn.weight": torch.ones(2), "bn.bias": torch.zeros(2)}
-BN |= {"bn.running_mean": torch.zeros(2), "bn.running_var": torch.ones(2)}
+ONES, ZEROS = np.ones(2, np.float32), np.zeros(2, np.float32)
+GOOD = {"fc.weight": np.ones((2, 2), np.float32), "fc.bias": ONES}
+BN = {"bn.weight": ONES, "bn.bias": ZEROS, "bn.running_mean": ZEROS, "bn.running_var": ONES}
 
 
-def _net(**replaced: torch.Tensor) -> dict:
+def _net(**replaced: object) -> dict:
     return {"net": {**GOOD, **BN, **replaced}}
 
 
@@ -155,11 +154,11 @@ def _net(**replaced: torch.Tensor) -> dict:
     ("content", "message"),
     [
         (
-            {"net": {0: torch.zeros(2), **GOOD}},
+            {"net": {0: ZEROS, **GOOD}},
             "'net' must map str names to arrays or tensors; got key 0: int",
         ),
         (
-            {0: torch.zeros(2), **GOOD},
+            {0: ZEROS, **GOOD},
             "'state_dict' must map str names to arrays or tensors; got key 0: int",
         ),
         (
@@ -167,47 +166,15 @@ def _net(**replaced: torch.Tensor) -> dict:
             "'net' must map str names to arrays or tensors; got 'fc.extra': int",
         ),
         (
-            {"net": {**GOOD, "sub": {"a": torch.zeros(1)}}},
+            {"net": {**GOOD, "sub": {"a": ZEROS}}},
             "'net' must map str names to arrays or tensors; got 'sub': dict",
         ),
     ],
 )
 def test_sections_must_map_names_to_tensors(tmp_path, content, message) -> None:
     path = tmp_path / "bad.pth"
-    torch.save(content, path)
+    interop.write_checkpoint(path, content)
     for read in (interop.inspect_checkpoint, lambda p: interop.load_checkpoint(p, TEMPLATE)):
         with pytest.raises(ValueError) as e:
             read(path)
         assert str(e.value) == f"{path}: {message}"
-
-
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        (lambda: torch.empty(2, device="meta"), "a meta tensor has no dense data"),
-        (lambda: torch.ones(2).to_sparse(), "a sparse_coo tensor has no dense data"),
-        (
-            lambda: torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8),
-            "unsupported tensor dtype torch.qint8",
-        ),
-        (lambda: torch.ones(2, dtype=torch.complex32), "unsupported tensor dtype torch.complex32"),
-    ],
-    ids=["meta", "sparse", "quantized", "complex32"],
-)
-@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated:UserWarning")  # quantized
-def test_tensors_without_a_numpy_twin_are_named(tmp_path, make, message) -> None:
-    with warnings.catch_warnings():  # quantized tensors are deprecated
-        warnings.simplefilter("ignore", UserWarning)
-        tensor = make()
-    path = tmp_path / "odd.pth"
-    torch.save({**_net(**{"fc.bias": tensor}), "ema_net": {**GOOD, **BN, "fc.bias": tensor}}, path)
-    with pytest.raises(ValueError) as e:
-        interop.load_checkpoint(path, TEMPLATE)
-    assert str(e.value).startswith(f"{path} (auto): the state_dict does not match:\n1 dtypes:\n")
-    assert f"  fc.bias: {message}" in str(e.value)
-    report = interop.load_checkpoint(path, TEMPLATE, strict=False).report
-    assert report.dtypes == (str(e.value).split("\n")[2].strip(),)
-    lines = interop.inspect_checkpoint(path).splitlines()
-    assert lines[1].startswith("net: 6 tensors, 14 parameters") and "fc.bias" not in lines[-2]
-    if tensor.is_floating_point():
-        assert lines[-1] == f"not compared (no dense data): fc.bias ({message})"
