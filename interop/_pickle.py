@@ -432,8 +432,8 @@ class _Machine:
         if isinstance(target, _NumpyDtype):
             target.build(state)
         elif type(target) is OrderedDict and isinstance(state, dict):
-            if not all(isinstance(k, str) and k.isidentifier() for k in state):
-                raise Refused("BUILD of an OrderedDict with attribute names that are not names")
+            if not all(isinstance(k, str) and k.isidentifier() and k[:2] != "__" for k in state):
+                raise Unsafe("uses BUILD with attribute names that are not plain names")
             target.__dict__.update(state)
         else:
             raise Unsafe(
