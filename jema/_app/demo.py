@@ -1,9 +1,10 @@
 """``jema demo``: train a small CNN on the built-in digits with SG's EMA, end to end.
 
 It shows the whole loop: raw vs EMA validation accuracy per epoch, a PNG of both curves, an
-orbax checkpoint, an SG-layout ``.pth`` (``net`` + ``ema_net``), and a PyTorch twin that loads
-``ema_net`` and predicts exactly what the Flax EMA model predicts. ``--kd`` distills a student
-from a teacher (whose EMA weights it uses, as SG does) instead.
+orbax checkpoint, an SG-layout ``.pth`` (``net`` + ``ema_net``, written without PyTorch: the
+Flax models' default names are the PyTorch twin's), and, when PyTorch is installed, a PyTorch
+twin that loads ``ema_net`` and predicts exactly what the Flax EMA model predicts. ``--kd``
+distills a student from a teacher (whose EMA weights it uses, as SG does) instead.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     summary["history"] = history
     teacher_accuracy = summary.get("teacher_accuracy")
     summary["files"] = _write_outputs(state, teacher, teacher_accuracy, history, config)
-    summary["torch_agrees"] = _check_torch_twin(summary["files"].get("pth"), state, data[2], config)
+    summary["torch_agrees"] = _check_torch_twin(summary["files"]["pth"], state, data[2], config)
     return summary
 
 
@@ -190,19 +191,8 @@ def _write_outputs(
     if os.path.isdir(files["orbax"]):  # the previous run's output: this run replaces it
         shutil.rmtree(files["orbax"])
     checkpoint.save(files["orbax"], int(state.step), state)
-    try:
-        from jema._app.torch_models import TorchDigitsCNN, TorchKD
-    except ImportError:
-        del files["pth"]
-        return files
-    template = TorchKD(8, 32) if config.kd else TorchDigitsCNN(16)
     checkpoint.export_pth(
-        files["pth"],
-        state,
-        teacher=teacher,
-        torch_template=template,
-        epoch=config.epochs,
-        acc=history.ema[-1],
+        files["pth"], state, teacher=teacher, epoch=config.epochs, acc=history.ema[-1]
     )
     return files
 
@@ -232,14 +222,13 @@ def _plot(history: History, teacher_accuracy: float | None, path: str, config: D
 
 
 def _check_torch_twin(
-    pth: str | None, state: TrainState, x_val: np.ndarray, config: DemoConfig
+    pth: str, state: TrainState, x_val: np.ndarray, config: DemoConfig
 ) -> bool | None:
-    if pth is None:
-        print(
-            "PyTorch is not installed: no .pth written, no twin check (pip install 'jema[torch]')"
-        )
+    try:
+        import torch
+    except ImportError:
+        print(f"PyTorch is not installed: {pth} written, no twin check (pip install 'jema[torch]')")
         return None
-    import torch
 
     from jema._app.torch_models import TorchDigitsCNN, torch_logits
 
