@@ -1,7 +1,7 @@
 """The pure conversions: a PyTorch state_dict <-> Flax variables, through numpy.
 
 Only ``flax_to_torch`` needs PyTorch: numpy arrays are the hub, so a state_dict of numpy arrays
-(read from a safetensors file without PyTorch) converts as one of tensors does.
+(read from a ``.pth`` or safetensors file without PyTorch) converts as one of tensors does.
 """
 
 from __future__ import annotations
@@ -205,19 +205,12 @@ def flax_to_torch(
     return tensors(out)
 
 
-def tensors(
-    arrays: Mapping[str, np.ndarray],
-    copy: bool = True,
-    made: dict[int, torch.Tensor] | None = None,
-) -> OrderedDict[str, torch.Tensor]:
+def tensors(arrays: Mapping[str, np.ndarray]) -> OrderedDict[str, torch.Tensor]:
     """A state_dict of numpy arrays as tensors, one tensor per array: keys that hold one array
-    (tied keys) hold one tensor, as in a module's state_dict, and ``torch.save`` stores it once.
+    (tied keys) hold one tensor, as in a module's state_dict.
 
     Args:
       arrays: names -> numpy arrays.
-      copy: as in ``to_torch``.
-      made: tensors made before, by ``id`` of their array, to share with other state_dicts
-        (filled in).
 
     Returns:
       Names -> tensors, in the same order.
@@ -231,10 +224,10 @@ def tensors(
       >>> out["embed.weight"] is out["head.weight"]
       True
     """
-    made = {} if made is None else made
+    made: dict[int, torch.Tensor] = {}
     for array in arrays.values():
         if id(array) not in made:
-            made[id(array)] = to_torch(array, copy)
+            made[id(array)] = to_torch(array)
     return OrderedDict((key, made[id(array)]) for key, array in arrays.items())
 
 

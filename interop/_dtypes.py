@@ -100,14 +100,11 @@ def as_numpy(value: Any) -> np.ndarray:
     return tensor.view(_torch_dtype(_carrier(dtype))).numpy().view(dtype)
 
 
-def to_torch(array: Any, copy: bool = True) -> torch.Tensor:
-    """A CPU tensor with the bits of a numpy or jax array.
+def to_torch(array: Any) -> torch.Tensor:
+    """A contiguous CPU tensor of its own with the bits of a numpy or jax array.
 
     Args:
       array: a numpy or jax array of a dtype in the table.
-      copy: make a contiguous tensor of its own; else share the array's memory and strides
-        where they are a contiguous array's, permuted (to write it to a file and drop it:
-        PyTorch does not know the memory is read-only).
 
     Returns:
       A CPU tensor.
@@ -123,18 +120,11 @@ def to_torch(array: Any, copy: bool = True) -> torch.Tensor:
     torch = require("making torch tensors")
     source = np.asarray(array)
     dtype = _torch_dtype(source.dtype)
-    bits = source if not copy and _dense(source) else np.asarray(source, order="C")
+    bits = np.asarray(source, order="C")
     if _BY_NUMPY[bits.dtype][1]:
         bits = bits.view(_carrier(bits.dtype))
     tensor = torch.from_dlpack(bits).view(dtype)
-    return tensor.clone() if copy and np.may_share_memory(bits, source) else tensor
-
-
-def _dense(array: np.ndarray) -> bool:
-    """Whether ``array`` is a contiguous array with its axes permuted (a transposed view): a
-    tensor can share it, with no gaps, overlaps or negative strides for PyTorch to trip on."""
-    order = np.argsort(array.strides, kind="stable")[::-1]
-    return bool(array.transpose(order).flags.c_contiguous)
+    return tensor.clone() if np.may_share_memory(bits, source) else tensor
 
 
 def _carrier(dtype: np.dtype) -> np.dtype:

@@ -20,8 +20,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
     for files with both ``net`` and ``ema_net`` their relative distance per layer, followed by
     ``not compared (...)`` lines naming keys missing on one side or of different shapes.
 
-    The file is read as ``load_checkpoint`` reads it (``weights_only=True``); a safetensors
-    file needs no PyTorch.
+    The file is read as ``load_checkpoint`` reads it (``read_checkpoint``, no PyTorch needed).
 
     Args:
       path: a ``.pth``/``.pt`` or ``.safetensors`` file.
@@ -30,7 +29,6 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
       The report, one item per line.
 
     Raises:
-      ImportError: for a ``torch.save`` file when PyTorch is not installed.
       OSError: when the file cannot be opened.
       ValueError: naming the file when it is unreadable, unsafe or not a dict, or a section
         does not map names to tensors.

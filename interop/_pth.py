@@ -20,6 +20,7 @@ import sys
 import zipfile
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
@@ -352,8 +353,9 @@ def _write_zip(temp: str, folder: str, pickle: bytes, blocks: list[np.ndarray]) 
         ("version", b"3\n"),
         (".data/serialization_id", f"{secrets.randbelow(10**40):040d}".encode()),
     ]
-    with open(temp, "wb") as f:
-        _ZipWriter(f).write_all(folder, records)
+    with open(temp, "wb") as f, ThreadPoolExecutor(1) as pool:  # CRCs while writing
+        crcs = [pool.submit(zlib.crc32, data) for _, data in records]
+        _ZipWriter(f).write_all(folder, records, [crc.result for crc in crcs])
 
 
 class _ZipWriter:
@@ -369,9 +371,11 @@ class _ZipWriter:
         self.f.write(data)
         self.pos += len(data) if isinstance(data, bytes) else data.nbytes
 
-    def write_all(self, folder: str, records: list[tuple[str, Any]]) -> None:
-        for name, data in records:
-            self.record(f"{folder}/{name}".encode(), data)
+    def write_all(
+        self, folder: str, records: list[tuple[str, Any]], crcs: list[Callable[[], int]]
+    ) -> None:
+        for (name, data), crc in zip(records, crcs, strict=True):
+            self.record(f"{folder}/{name}".encode(), data, crc)
         start, count = self.pos, len(self.central)
         for entry in self.central:
             self.put(entry)
@@ -383,7 +387,7 @@ class _ZipWriter:
                              min(count, 0xFFFF), min(size, _ZIP32_LIMIT),
                              min(start, _ZIP32_LIMIT), 0))  # fmt: skip
 
-    def record(self, name: bytes, data: Any) -> None:
+    def record(self, name: bytes, data: Any, crc_of: Callable[[], int]) -> None:
         size = len(data) if isinstance(data, bytes) else data.nbytes
         offset = self.pos
         if max(size, offset) >= _ZIP32_LIMIT:
@@ -393,8 +397,8 @@ class _ZipWriter:
         extra = b"FB" + struct.pack("<H", padding) + b"Z" * padding
         self.put(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 0, 0x808, 0, 0, 0, 0, 0, 0,
                              len(name), len(extra)) + name + extra)  # fmt: skip
-        crc = zlib.crc32(data)
         self.put(data)
+        crc = crc_of()
         self.put(struct.pack("<4sIII", b"PK\x07\x08", crc, size, size))
         self.central.append(
             struct.pack(

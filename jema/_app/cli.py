@@ -186,7 +186,7 @@ def _inspect(path: str) -> int:
 
     try:
         print(inspect_checkpoint(path))
-    except (ImportError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"jema inspect: {e}", file=sys.stderr)
         return 1
     return 0
