@@ -264,12 +264,16 @@ def _tensor_maker(big: bool) -> Callable[..., np.ndarray]:
             empty = np.zeros(size, dtype)
             empty.flags.writeable = False
             return empty
-        elements = storage.data[: items * dtype.itemsize].view(dtype)[offset:]
+        # as_strided goes through __array_interface__, which cannot name ml_dtypes' dtypes:
+        # it views their same-width unsigned integers, then the result is viewed back.
+        carrier = dtype if dtype.isbuiltin == 1 else np.dtype(f"u{dtype.itemsize}")
+        elements = storage.data[: items * dtype.itemsize].view(carrier)[offset:]
         strides = tuple(s * dtype.itemsize for s in stride)
         try:
-            return np.lib.stride_tricks.as_strided(elements, size, strides, writeable=False)
+            view = np.lib.stride_tricks.as_strided(elements, size, strides, writeable=False)
         except ValueError as e:  # more elements than numpy can index
             raise Refused(f"{where}: {first_line(e)}") from None
+        return view if carrier is dtype else view.view(dtype)
 
     return tensor
 
