@@ -92,7 +92,7 @@ def _numpy_scalar(dtype: Any, data: Any) -> np.generic:
         raise Refused("numpy scalar: expected a numeric dtype and its bytes")
     if len(data) != dtype.dtype.itemsize:
         raise Refused(f"numpy scalar: {len(data)} bytes for a {dtype.dtype}")
-    value = np.frombuffer(data, dtype.dtype.newbyteorder(dtype.order))
+    value = np.frombuffer(data, dtype.dtype.newbyteorder(dtype.order))  # type: ignore[arg-type]
     return value.astype(dtype.dtype)[0]
 
 
@@ -522,7 +522,9 @@ def dump(obj: Any, tensor: Callable[[Any, str], Tensor | None]) -> bytes:
 
 class _Writer:
     def __init__(self, tensor: Callable[[Any, str], Tensor | None]) -> None:
-        self.tensor, self.out, self.memo = tensor, [], {}
+        self.tensor = tensor
+        self.out: list[Any] = []
+        self.memo: dict[int, int] = {}
         self.kept: list[Any] = []  # keeps memoized objects alive, so their ids stay theirs
 
     def put(self, obj: Any) -> None:
@@ -585,7 +587,7 @@ class _Writer:
                 self.save(dict(attributes), f"{path}.__dict__")
                 self.out.append(b"b")
         elif kind is set or kind is Counter or kind is complex:
-            name = {set: "builtins.set", Counter: "collections.Counter"}.get(kind)
+            name = {set: "builtins.set", Counter: "collections.Counter"}.get(kind)  # type: ignore[call-overload]
             args = (obj.real, obj.imag) if kind is complex else (list(obj) if kind is set
                                                                  else dict(obj),)  # fmt: skip
             self.call(_GLOBALS[name or "builtins.complex"], args, path)
@@ -659,11 +661,13 @@ class _Writer:
         self.save("storage", path)
         self.global_(_GLOBALS["torch.storage.UntypedStorage" if v3 else f"torch.{typed}"])
         numel = found.storage.size * (dtype.itemsize if v3 else 1)
-        for value in (found.key, "cpu", numel):
-            self.save(value, path)
+        fields: tuple[Any, ...] = (found.key, "cpu", numel)
+        for field in fields:
+            self.save(field, path)
         self.out.append(b"tQ")
-        for value in (found.offset, found.shape, found.strides, False):
-            self.save(value, path)
+        fields = (found.offset, found.shape, found.strides, False)
+        for field in fields:
+            self.save(field, path)
         self.call(_GLOBALS["collections.OrderedDict"], (), path)
         if v3:
             self.global_(_GLOBALS[f"torch.{torch_name(dtype)}"])

@@ -353,7 +353,7 @@ def _write_zip(temp: str, folder: str, pickle: bytes, blocks: list[np.ndarray]) 
         (".format_version", b"1"),
         (".storage_alignment", str(_ALIGNMENT).encode()),
         ("byteorder", sys.byteorder.encode()),
-        *((f"data/{i}", memoryview(b.view(np.uint8))) for i, b in enumerate(blocks)),
+        *((f"data/{i}", memoryview(b.view(np.uint8))) for i, b in enumerate(blocks)),  # type: ignore[arg-type]
         ("version", b"3\n"),
         (".data/serialization_id", f"{secrets.randbelow(10**40):040d}".encode()),
     ]
