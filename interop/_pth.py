@@ -74,7 +74,7 @@ def read_pth(path: str | os.PathLike[str]) -> Any:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
-                raise ValueError(f"{path} is empty, not a PyTorch checkpoint")
+                raise _unreadable(path, "an empty file")
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             if data[:4] == b"PK\x03\x04":
                 return _read_zip(path, f, data)

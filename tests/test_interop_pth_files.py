@@ -6,6 +6,8 @@ the file or key."""
 
 from __future__ import annotations
 
+import errno
+import os
 import pathlib
 import re
 import zipfile
@@ -18,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import interop
+import interop._pth
 from interop._dtypes import all_dtypes
 
 SEEDS = pathlib.Path(__file__).parent / "data" / "interop_bad" / "seeds"
@@ -215,3 +218,26 @@ def test_write_checkpoint_does_not_write_safetensors(tmp_path):
     with pytest.raises(ValueError, match="use save_checkpoint"):
         interop.write_checkpoint(tmp_path / "ckpt.safetensors", {"w": np.ones(2)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_names_the_path_and_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pth"
+    interop.write_checkpoint(path, {"w": np.ones(2, np.float32)})
+    before = path.read_bytes()
+
+    def half_then_fail(temp, *args):
+        pathlib.Path(temp).write_bytes(b"PK\x03\x04half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), temp)
+
+    monkeypatch.setattr(interop._pth, "_write_zip", half_then_fail)
+    with pytest.raises(OSError) as e:
+        interop.save_checkpoint(path, net={"params": {"fc": {"bias": np.zeros(2, np.float32)}}})
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["ckpt.pth"]
+
+
+def test_an_empty_file_is_named(tmp_path):
+    path = tmp_path / "empty.pth"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"^{path} is not a readable PyTorch checkpoint"):
+        interop.read_checkpoint(path)
