@@ -81,7 +81,7 @@ class _NumpyDtype:
         self.dtype = numpy_dtype(code)
         self.order = "="
 
-    def build(self, state: Any) -> None:
+    def _build(self, state: Any) -> None:
         if not (isinstance(state, tuple) and len(state) == 8 and state[1] in ("<", ">", "|")):
             raise Refused(f"numpy dtype state {state!r:.80}: expected numpy's own")
         self.order = state[1]
@@ -237,7 +237,7 @@ def load(
     """
     machine = _Machine(data, path, storage, tensor, start)
     try:
-        return machine.run(), machine.pos
+        return machine._run(), machine.pos
     except Unsafe as e:
         raise ValueError(f"{path} {e} (pickle byte {machine.op_at})") from None
     except Refused as e:
@@ -257,14 +257,14 @@ class _Machine:
         self.storage, self.tensor = storage, tensor
         self.end = len(data)
 
-    def read(self, n: int) -> Any:
+    def _read(self, n: int) -> Any:
         if n > self.end - self.pos:
             raise Refused(f"truncated: {n:,} bytes claimed, {self.end - self.pos:,} left")
         out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
 
-    def line(self) -> str:
+    def _line(self) -> str:
         found = self.data.find(b"\n", self.pos, min(self.end, self.pos + 256))
         if found < 0:
             raise Refused("truncated or overlong GLOBAL name")
@@ -272,37 +272,37 @@ class _Machine:
         self.pos = found + 1
         return text
 
-    def run(self) -> Any:  # noqa: C901, PLR0912, PLR0915 (one opcode per branch, as pickle's)
+    def _run(self) -> Any:  # noqa: C901, PLR0912, PLR0915 (one opcode per branch, as pickle's)
         stack: list[Any] = []
         marks: list[list[Any]] = []
         memo: dict[int, Any] = {}
         memo_limit = self.end - self.start  # more entries than bytes cannot be
         unpack = struct.unpack
-        if bytes(self.read(2)) != b"\x80\x02":
+        if bytes(self._read(2)) != b"\x80\x02":
             raise Unsafe("is not a protocol 2 pickle, which torch.save writes")
         while True:
             self.op_at = self.pos
-            op = bytes(self.read(1))
+            op = bytes(self._read(1))
             name = _OPS.get(op)
             if name is None:
                 raise Unsafe(
                     f"uses pickle opcode {op!r}, which torch.load(weights_only=True) refuses too"
                 )
             if name == "BINPUT" or name == "LONG_BINPUT":
-                index = self.read(1)[0] if name == "BINPUT" else unpack("<I", self.read(4))[0]
+                index = self._read(1)[0] if name == "BINPUT" else unpack("<I", self._read(4))[0]
                 if index > memo_limit:
                     raise Refused(f"memo index {index:,} past the pickle's size")
                 memo[index] = stack[-1]
             elif name == "BINGET" or name == "LONG_BINGET":
-                index = self.read(1)[0] if name == "BINGET" else unpack("<I", self.read(4))[0]
+                index = self._read(1)[0] if name == "BINGET" else unpack("<I", self._read(4))[0]
                 if index not in memo:
                     raise Refused(f"memo index {index} read before it is written")
                 stack.append(memo[index])
             elif name == "BINUNICODE":
-                size = unpack("<I", self.read(4))[0]
-                stack.append(bytes(self.read(size)).decode("utf-8", "surrogatepass"))
+                size = unpack("<I", self._read(4))[0]
+                stack.append(bytes(self._read(size)).decode("utf-8", "surrogatepass"))
             elif name == "BININT1":
-                stack.append(self.read(1)[0])
+                stack.append(self._read(1)[0])
             elif name == "MARK":
                 marks.append(stack)
                 stack = []
@@ -319,14 +319,14 @@ class _Machine:
                 stack.append(())
             elif name == "REDUCE":
                 args = stack.pop()
-                stack[-1] = self.call(stack[-1], args)
+                stack[-1] = self._call(stack[-1], args)
             elif name == "GLOBAL":
-                full = global_name(self.line(), self.line())
+                full = global_name(self._line(), self._line())
                 if full not in _GLOBALS:
-                    raise Unsafe(self.refused_globals())
+                    raise Unsafe(self._refused_globals())
                 stack.append(_GLOBALS[full])
             elif name == "BINPERSID":
-                stack.append(self.persistent(stack.pop()))
+                stack.append(self._persistent(stack.pop()))
             elif name == "NEWFALSE":
                 stack.append(False)
             elif name == "NEWTRUE":
@@ -335,14 +335,14 @@ class _Machine:
                 stack.append(None)
             elif name == "SETITEMS":
                 items, stack = stack, marks.pop()
-                target = self.mapping(stack[-1], name)
+                target = self._mapping(stack[-1], name)
                 for i in range(0, len(items) - 1, 2):
                     target[items[i]] = items[i + 1]
                 if len(items) % 2:
                     raise Refused("SETITEMS with an odd number of items")
             elif name == "SETITEM":
                 value, key = stack.pop(), stack.pop()
-                self.mapping(stack[-1], name)[key] = value
+                self._mapping(stack[-1], name)[key] = value
             elif name == "EMPTY_DICT":
                 stack.append({})
             elif name == "EMPTY_LIST":
@@ -357,18 +357,18 @@ class _Machine:
             elif name == "EMPTY_SET":
                 stack.append(set())
             elif name == "BININT":
-                stack.append(unpack("<i", self.read(4))[0])
+                stack.append(unpack("<i", self._read(4))[0])
             elif name == "BININT2":
-                stack.append(unpack("<H", self.read(2))[0])
+                stack.append(unpack("<H", self._read(2))[0])
             elif name == "LONG1":
-                stack.append(int.from_bytes(self.read(self.read(1)[0]), "little", signed=True))
+                stack.append(int.from_bytes(self._read(self._read(1)[0]), "little", signed=True))
             elif name == "BINFLOAT":
-                stack.append(unpack(">d", self.read(8))[0])
+                stack.append(unpack(">d", self._read(8))[0])
             elif name == "SHORT_BINSTRING":
-                stack.append(bytes(self.read(self.read(1)[0])).decode("ascii"))
+                stack.append(bytes(self._read(self._read(1)[0])).decode("ascii"))
             elif name == "BUILD":
                 state = stack.pop()
-                self.build(stack[-1], state)
+                self._build(stack[-1], state)
             elif name == "STOP":
                 if marks or len(stack) != 1:
                     raise Refused("STOP with a MARK open or more than one value left")
@@ -376,16 +376,16 @@ class _Machine:
             else:  # PROTO again, mid-stream
                 raise Refused(f"{name} in the middle of a pickle")
 
-    def call(self, func: Any, args: Any) -> Any:
+    def _call(self, func: Any, args: Any) -> Any:
         if not isinstance(args, tuple):
             raise Refused(f"REDUCE with {type(args).__name__} arguments, not a tuple")
         if isinstance(func, _Rebuild):
-            return self.rebuild(func.name, args)
+            return self._rebuild(func.name, args)
         if id(func) not in _NAMES or isinstance(func, StorageType | TorchDtype):
             raise Unsafe(f"calls a {type(func).__name__}, which safe loading does not call")
         return func(*args)
 
-    def rebuild(self, name: str, args: tuple[Any, ...]) -> Any:
+    def _rebuild(self, name: str, args: tuple[Any, ...]) -> Any:
         if name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
             if len(args) not in (3, 4) or not isinstance(args[0], np.ndarray):
                 raise Refused(f"{name}: expected a tensor, requires_grad and hooks")
@@ -411,7 +411,7 @@ class _Machine:
         array = self.tensor(store, offset, size, stride, dtype)
         return _with_metadata(array, metadata)
 
-    def persistent(self, pid: Any) -> Any:
+    def _persistent(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
             raise Refused(f"persistent id {pid!r:.80}: only storages are allowed")
         _, kind, key, _location, numel = pid[:5]
@@ -423,14 +423,14 @@ class _Machine:
             raise Refused(f"storage {key!r} has {numel} elements")
         return self.storage(StorageId(kind.dtype, kind.typed, key, numel))
 
-    def mapping(self, target: Any, name: str) -> Any:
+    def _mapping(self, target: Any, name: str) -> Any:
         if type(target) not in (dict, OrderedDict, Counter):
             raise Refused(f"{name} on a {type(target).__name__}, not a dict")
         return target
 
-    def build(self, target: Any, state: Any) -> None:
+    def _build(self, target: Any, state: Any) -> None:
         if isinstance(target, _NumpyDtype):
-            target.build(state)
+            target._build(state)
         elif type(target) is OrderedDict and isinstance(state, dict):
             if not all(isinstance(k, str) and k.isidentifier() and k[:2] != "__" for k in state):
                 raise Unsafe("uses BUILD with attribute names that are not plain names")
@@ -441,9 +441,9 @@ class _Machine:
                 "OrderedDict's attributes"
             )
 
-    def refused_globals(self) -> str:
+    def _refused_globals(self) -> str:
         """The message for a global outside the table, naming every one the pickle needs."""
-        needed = sorted({g for g in self.globals_named() if g not in _GLOBALS})
+        needed = sorted({g for g in self._globals_named() if g not in _GLOBALS})
         return (
             f"needs globals this reader does not allow: {', '.join(needed)}. It runs no code "
             "from a file and reads what torch.load(weights_only=True) reads but sparse, "
@@ -451,24 +451,24 @@ class _Machine:
             "numbers, strings and bytes"
         )
 
-    def globals_named(self) -> list[str]:
+    def _globals_named(self) -> list[str]:
         """Every ``GLOBAL`` from the pickle's start, scanning opcodes without running them."""
         found, self.pos = [], self.start + 2
         sizes = {"BININT": 4, "BININT1": 1, "BININT2": 2, "BINFLOAT": 8, "BINGET": 1,
                  "LONG_BINGET": 4, "BINPUT": 1, "LONG_BINPUT": 4}  # fmt: skip
         try:
             while self.pos < self.end:
-                name = _OPS.get(bytes(self.read(1)))
+                name = _OPS.get(bytes(self._read(1)))
                 if name is None or name == "STOP":
                     break
                 if name == "GLOBAL":
-                    found.append(global_name(self.line(), self.line()))
+                    found.append(global_name(self._line(), self._line()))
                 elif name == "BINUNICODE":
-                    self.read(struct.unpack("<I", self.read(4))[0])
+                    self._read(struct.unpack("<I", self._read(4))[0])
                 elif name in ("LONG1", "SHORT_BINSTRING"):
-                    self.read(self.read(1)[0])
+                    self._read(self._read(1)[0])
                 else:
-                    self.read(sizes.get(name, 0))
+                    self._read(sizes.get(name, 0))
         except (Refused, UnicodeDecodeError):
             pass
         return found
@@ -511,7 +511,7 @@ def dump(obj: Any, tensor: Callable[[Any, str], Tensor | None]) -> bytes:
     writer = _Writer(tensor)
     writer.out.append(b"\x80\x02")
     try:
-        writer.save(obj, "")
+        writer._save(obj, "")
     except RecursionError:
         raise TypeError(
             "cannot store the checkpoint: it nests too deep, or holds itself through a tuple"
@@ -527,77 +527,77 @@ class _Writer:
         self.memo: dict[int, int] = {}
         self.kept: list[Any] = []  # keeps memoized objects alive, so their ids stay theirs
 
-    def put(self, obj: Any) -> None:
+    def _put(self, obj: Any) -> None:
         index = len(self.memo)
         self.memo[id(obj)] = index
         self.kept.append(obj)
         self.out.append(b"q" + bytes([index]) if index < 256 else b"r" + struct.pack("<I", index))
 
-    def get(self, obj: Any) -> bool:
+    def _get(self, obj: Any) -> bool:
         index = self.memo.get(id(obj))
         if index is None:
             return False
         self.out.append(b"h" + bytes([index]) if index < 256 else b"j" + struct.pack("<I", index))
         return True
 
-    def global_(self, value: Any) -> None:
-        if self.get(value):
+    def _global(self, value: Any) -> None:
+        if self._get(value):
             return
         module, _, name = _NAMES[id(value)].rpartition(".")
         if (module, name) in _compat_pickle.REVERSE_NAME_MAPPING:
             module, name = _compat_pickle.REVERSE_NAME_MAPPING[(module, name)]
         self.out.append(f"c{module}\n{name}\n".encode())
-        self.put(value)
+        self._put(value)
 
-    def call(self, func: Any, args: tuple[Any, ...], path: str) -> None:
-        self.global_(func)
-        self.save(args, path)
+    def _call(self, func: Any, args: tuple[Any, ...], path: str) -> None:
+        self._global(func)
+        self._save(args, path)
         self.out.append(b"R")
 
-    def save(self, obj: Any, path: str) -> None:  # noqa: C901, PLR0912 (one type per branch)
+    def _save(self, obj: Any, path: str) -> None:  # noqa: C901, PLR0912 (one type per branch)
         kind = type(obj)
         if obj is None:
             self.out.append(b"N")
         elif kind is bool:
             self.out.append(b"\x88" if obj else b"\x89")
         elif kind is int:
-            self.int_(obj, path)
+            self._int(obj, path)
         elif kind is float:
             self.out.append(b"G" + struct.pack(">d", obj))
         elif kind is str:
             raw = obj.encode("utf-8", "surrogatepass")
             self.out += [b"X", struct.pack("<I", len(raw)), raw]
         elif kind is tuple:
-            self.tuple_(obj, path)
-        elif self.get(obj):
+            self._tuple(obj, path)
+        elif self._get(obj):
             return
         elif kind is list:
             self.out.append(b"]")
-            self.put(obj)
-            self.items(obj, b"e", path, lambda i, v: [(f"{path}[{i}]", v)])
+            self._put(obj)
+            self._items(obj, b"e", path, lambda i, v: [(f"{path}[{i}]", v)])
         elif kind is dict or kind is OrderedDict:
             if kind is OrderedDict:
-                self.call(_GLOBALS["collections.OrderedDict"], (), path)
+                self._call(_GLOBALS["collections.OrderedDict"], (), path)
             else:
                 self.out.append(b"}")
-            self.put(obj)
-            self.items(obj.items(), b"u", path, lambda _, kv: self.entry(path, kv))
+            self._put(obj)
+            self._items(obj.items(), b"u", path, lambda _, kv: self._entry(path, kv))
             attributes = getattr(obj, "__dict__", None)
             if attributes:
-                self.save(dict(attributes), f"{path}.__dict__")
+                self._save(dict(attributes), f"{path}.__dict__")
                 self.out.append(b"b")
         elif kind is set or kind is Counter or kind is complex:
             name = {set: "builtins.set", Counter: "collections.Counter"}.get(kind)  # type: ignore[call-overload]
             args = (obj.real, obj.imag) if kind is complex else (list(obj) if kind is set
                                                                  else dict(obj),)  # fmt: skip
-            self.call(_GLOBALS[name or "builtins.complex"], args, path)
-            self.put(obj)
+            self._call(_GLOBALS[name or "builtins.complex"], args, path)
+            self._put(obj)
         elif kind is bytes or kind is bytearray:
             if kind is bytearray:
-                self.global_(_GLOBALS["builtins.bytearray"])
-            self.call(_encode, (obj.decode("latin1"), "latin1"), path)
+                self._global(_GLOBALS["builtins.bytearray"])
+            self._call(_encode, (obj.decode("latin1"), "latin1"), path)
             self.out.append(b"\x85R" if kind is bytearray else b"")
-            self.put(obj)
+            self._put(obj)
         else:
             found = self.tensor(obj, path)
             if found is None:
@@ -606,30 +606,30 @@ class _Writer:
                     "file read with weights_only=True holds arrays, dicts, lists, tuples, sets, "
                     "str, bytes, int, float, complex, bool and None"
                 )
-            self.tensor_(found, path)
-            self.put(obj)
+            self._tensor(found, path)
+            self._put(obj)
 
-    def entry(self, path: str, item: tuple[Any, Any]) -> list[tuple[str, Any]]:
+    def _entry(self, path: str, item: tuple[Any, Any]) -> list[tuple[str, Any]]:
         key, value = item
         return [(f"{path}[key {key!r}]", key), (f"{path}[{key!r}]", value)]
 
-    def items(self, items: Any, op: bytes, path: str, parts: Any) -> None:
+    def _items(self, items: Any, op: bytes, path: str, parts: Any) -> None:
         batch: list[tuple[str, Any]] = []
         for i, item in enumerate(items):
             batch += parts(i, item)
             if len(batch) >= 2000:
-                self.flush(batch, op)
+                self._flush(batch, op)
         if batch:
-            self.flush(batch, op)
+            self._flush(batch, op)
 
-    def flush(self, batch: list[tuple[str, Any]], op: bytes) -> None:
+    def _flush(self, batch: list[tuple[str, Any]], op: bytes) -> None:
         self.out.append(b"(")
         for path, value in batch:
-            self.save(value, path)
+            self._save(value, path)
         self.out.append(op)
         batch.clear()
 
-    def int_(self, value: int, path: str) -> None:
+    def _int(self, value: int, path: str) -> None:
         if 0 <= value < 256:
             self.out.append(b"K" + bytes([value]))
         elif 0 <= value < 65536:
@@ -642,33 +642,33 @@ class _Writer:
                 raise TypeError(f"cannot store {path}: an int of {value.bit_length()} bits")
             self.out += [b"\x8a", bytes([len(raw)]), raw]
 
-    def tuple_(self, value: tuple[Any, ...], path: str) -> None:
+    def _tuple(self, value: tuple[Any, ...], path: str) -> None:
         if not value:
             self.out.append(b")")
             return
         if len(value) > 3:
             self.out.append(b"(")
         for i, item in enumerate(value):
-            self.save(item, f"{path}[{i}]")
+            self._save(item, f"{path}[{i}]")
         self.out.append(b"t" if len(value) > 3 else bytes([0x84 + len(value)]))
 
-    def tensor_(self, found: Tensor, path: str) -> None:
+    def _tensor(self, found: Tensor, path: str) -> None:
         dtype = found.storage.dtype
         typed = storage_name(dtype)
         v3 = typed is None
-        self.global_(_GLOBALS[f"torch._utils._rebuild_tensor_v{3 if v3 else 2}"])
+        self._global(_GLOBALS[f"torch._utils._rebuild_tensor_v{3 if v3 else 2}"])
         self.out.append(b"((")  # the arguments, then the persistent id
-        self.save("storage", path)
-        self.global_(_GLOBALS["torch.storage.UntypedStorage" if v3 else f"torch.{typed}"])
+        self._save("storage", path)
+        self._global(_GLOBALS["torch.storage.UntypedStorage" if v3 else f"torch.{typed}"])
         numel = found.storage.size * (dtype.itemsize if v3 else 1)
         fields: tuple[Any, ...] = (found.key, "cpu", numel)
         for field in fields:
-            self.save(field, path)
+            self._save(field, path)
         self.out.append(b"tQ")
         fields = (found.offset, found.shape, found.strides, False)
         for field in fields:
-            self.save(field, path)
-        self.call(_GLOBALS["collections.OrderedDict"], (), path)
+            self._save(field, path)
+        self._call(_GLOBALS["collections.OrderedDict"], (), path)
         if v3:
-            self.global_(_GLOBALS[f"torch.{torch_name(dtype)}"])
+            self._global(_GLOBALS[f"torch.{torch_name(dtype)}"])
         self.out.append(b"tR")

@@ -359,7 +359,7 @@ def _write_zip(temp: str, folder: str, pickle: bytes, blocks: list[np.ndarray]) 
     ]
     with open(temp, "wb") as f, ThreadPoolExecutor(1) as pool:  # CRCs while writing
         crcs = [pool.submit(zlib.crc32, data) for _, data in records]
-        _ZipWriter(f).write_all(folder, records, [crc.result for crc in crcs])
+        _ZipWriter(f)._write_all(folder, records, [crc.result for crc in crcs])
 
 
 class _ZipWriter:
@@ -371,27 +371,27 @@ class _ZipWriter:
         self.f, self.pos = f, 0
         self.central: list[bytes] = []
 
-    def put(self, data: Any) -> None:
+    def _put(self, data: Any) -> None:
         self.f.write(data)
         self.pos += len(data) if isinstance(data, bytes) else data.nbytes
 
-    def write_all(
+    def _write_all(
         self, folder: str, records: list[tuple[str, Any]], crcs: list[Callable[[], int]]
     ) -> None:
         for (name, data), crc in zip(records, crcs, strict=True):
-            self.record(f"{folder}/{name}".encode(), data, crc)
+            self._record(f"{folder}/{name}".encode(), data, crc)
         start, count = self.pos, len(self.central)
         for entry in self.central:
-            self.put(entry)
+            self._put(entry)
         size, end = self.pos - start, self.pos
-        self.put(struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 0x31E, 45, 0, 0, count, count,
+        self._put(struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 0x31E, 45, 0, 0, count, count,
                              size, start))  # fmt: skip
-        self.put(struct.pack("<4sIQI", b"PK\x06\x07", 0, end, 1))
-        self.put(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, min(count, 0xFFFF),
+        self._put(struct.pack("<4sIQI", b"PK\x06\x07", 0, end, 1))
+        self._put(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, min(count, 0xFFFF),
                              min(count, 0xFFFF), min(size, _ZIP32_LIMIT),
                              min(start, _ZIP32_LIMIT), 0))  # fmt: skip
 
-    def record(self, name: bytes, data: Any, crc_of: Callable[[], int]) -> None:
+    def _record(self, name: bytes, data: Any, crc_of: Callable[[], int]) -> None:
         size = len(data) if isinstance(data, bytes) else data.nbytes
         offset = self.pos
         if max(size, offset) >= _ZIP32_LIMIT:
@@ -399,11 +399,11 @@ class _ZipWriter:
                           f"({name.decode()}: {size:,} bytes at {offset:,})")  # fmt: skip
         padding = -(offset + 30 + len(name) + 4) % _ALIGNMENT
         extra = b"FB" + struct.pack("<H", padding) + b"Z" * padding
-        self.put(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 0, 0x808, 0, 0, 0, 0, 0, 0,
+        self._put(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 0, 0x808, 0, 0, 0, 0, 0, 0,
                              len(name), len(extra)) + name + extra)  # fmt: skip
-        self.put(data)
+        self._put(data)
         crc = crc_of()
-        self.put(struct.pack("<4sIII", b"PK\x07\x08", crc, size, size))
+        self._put(struct.pack("<4sIII", b"PK\x07\x08", crc, size, size))
         self.central.append(
             struct.pack(
                 "<4sHHHHHHIIIHHHHHII",
