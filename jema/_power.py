@@ -15,7 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jema._schedules import real_inside
+
 SIGMA_REL_MAX = 1 / math.sqrt(12)  # γ = 0: the uniform average of all steps so far
+# γ ≈ 1/σ_rel must stay a float32 number (≤ 3.4e38): the EMA update computes (γ + 1)·log1p(-k/t)
+# in float32. The cubic's solver is exact to 1e-16 relative down to about 1e-102 (measured), and
+# its σ⁻² overflows float64 below 1e-154.
+SIGMA_REL_MIN = 1e-38
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -25,7 +31,8 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     positive one for ``0 < σ_rel < 1/√12``; found in float64 and polished by Newton steps.
 
     Args:
-      sigma_rel: the width, strictly inside (0, 1/√12 ≈ 0.2887).
+      sigma_rel: the width, in [1e-38, 1/√12 ≈ 0.2887): below 1e-38, γ ≈ 1/σ_rel
+        would not fit the float32 EMA update.
 
     Returns:
       γ, a positive float (exact to about 1e-12 relative).
@@ -119,17 +126,10 @@ def power_weights(
 
 
 def _check_sigma_rel(sigma_rel: Any) -> float:
-    if isinstance(sigma_rel, bool) or not isinstance(
-        sigma_rel, (int, float, np.floating, np.integer)
-    ):
+    s = real_inside(sigma_rel, 0.0, SIGMA_REL_MAX)
+    if s is None or s < SIGMA_REL_MIN:
         raise ValueError(
-            f"sigma_rel must be a number in (0, {SIGMA_REL_MAX:.4f}) (1/sqrt(12)); "
-            f"got {sigma_rel!r}"
-        )
-    s = float(sigma_rel)
-    if not 0.0 < s < SIGMA_REL_MAX:
-        raise ValueError(
-            f"sigma_rel must be a number in (0, {SIGMA_REL_MAX:.4f}) (1/sqrt(12), the uniform "
-            f"average); got {sigma_rel!r}"
+            f"sigma_rel must be a number in [{SIGMA_REL_MIN:g}, {SIGMA_REL_MAX:.4f}) (1/sqrt(12), "
+            f"the uniform average); got {sigma_rel!r}"
         )
     return s

@@ -6,11 +6,14 @@ few thousand steps, and after training :func:`reconstruct` the EMA of any σ_rel
 step: the least-squares fit of its averaging profile by the snapshots' profiles
 (:func:`solve_weights`), applied to their weights one snapshot at a time.
 
-A snapshot folder is an orbax checkpoint folder with one step per snapshot (step = t, the
-EMA's count): per width, an item ``params-<σ_rel>`` (and ``batch_stats-<σ_rel>`` when the EMA
-averages BatchNorm statistics) holding the tree's leaves as a flat dict, and an item
-``metadata`` (JSON): the format, t, the widths, the storage dtype and every leaf's path, shape
-and dtype.
+A snapshot folder is an orbax checkpoint folder with one step folder per snapshot, named by
+its step t (the EMA's count): per width, an item ``params-<σ_rel>`` (and ``batch_stats-<σ_rel>``
+when the EMA averages BatchNorm statistics) holding the tree's leaves as a flat dict, and an
+item ``metadata`` (JSON): the format, t, the widths, the storage dtype and every leaf's path,
+shape and dtype. The metadata is checked field by field, and its t against the folder's name,
+before anything is read. Folders that hold no snapshot item (an empty ``5``, another tool's
+``99``, names that are not a step) are not the snapshots': listing, reconstructing and saving
+leave them alone, and only a save at exactly their step is refused (they are in its way).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,8 +33,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jema._checks import is_floating
-from jema._orbax import check_new_step, check_savable, open_manager, save_lock
+from jema._orbax import check_savable, open_manager, remove_stale_temps, save_lock
 from jema._power import _check_sigma_rel, sigma_rel_to_gamma, width_key
+from jema._schedules import real_inside
 from jema._state import PowerEmaState, find_ema_state, tracked_sigma_rels
 
 FORMAT = "jema.posthoc/1"
@@ -38,6 +43,9 @@ METADATA = "metadata"
 PARTS = ("params", "batch_stats")
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 CHUNK_BYTES = 16 * 2**20  # stored trees are read in parts of about this size
+STEP_NAME = re.compile(r"[0-9]+")  # the folder names orbax reads as steps
+RECORD_FIELDS = {"path", "shape", "dtype"}
+METADATA_FIELDS = {"format", "step", "sigma_rels", "dtype", "params"}  # and maybe "batch_stats"
 
 
 class ExtrapolationWarning(UserWarning):
@@ -84,8 +92,10 @@ def save_snapshot(
 
     Raises:
       TypeError: when the EMA is SuperGradients' (no widths), or ``directory`` is not a path.
-      ValueError: for another ``dtype``, an EMA that has averaged no step yet, or a step
-        already saved there or below a saved one (nothing is written).
+      ValueError: for another ``dtype``, a value the storage dtype cannot hold (float16 past
+        65504 would become inf), an EMA that has averaged no step yet, a step already saved
+        there or below a saved one, or a folder of another kind named by the step (nothing
+        is written).
       NotADirectoryError: when ``directory`` is a file.
       BlockingIOError: when another process is saving into the same folder.
 
@@ -122,15 +132,15 @@ def save_snapshot(
         "sigma_rels": list(widths),
         "dtype": storage,
     }
+    check_savable(parts, "snapshot")
     for part, trees in parts.items():
         metadata[part] = _leaf_records(trees[width_key(widths[0])])
         for width in widths:
-            leaves = jax.tree.leaves(trees[width_key(width)])
-            items[_item(part, width)] = ocp.args.PyTreeSave(_flat(leaves, storage))
+            item = _item(part, width)
+            items[item] = ocp.args.PyTreeSave(_stored(trees[width_key(width)], storage, item))
     items[METADATA] = ocp.args.JsonSave(metadata)
-    check_savable(parts, "snapshot")
     with open_manager(path, None) as manager, save_lock(os.fspath(manager.directory)):
-        check_new_step(manager, step, "snapshot")
+        _check_new_step(os.fspath(manager.directory), step)
         manager.save(step, args=ocp.args.Composite(**items), force=True)
     return _record(metadata)
 
@@ -146,7 +156,9 @@ def list_snapshots(directory: str | os.PathLike[str]) -> list[Snapshot]:
 
     Raises:
       FileNotFoundError: when the folder does not exist (nothing is created).
-      ValueError: when a step there is not a jema snapshot.
+      ValueError: naming the file or folder, when a snapshot's metadata is broken (a field
+        of the wrong type or range, a repeated width, a missing item), is not a jema
+        snapshot's, or names another step than its folder.
 
     Example:
       >>> import tempfile
@@ -165,7 +177,7 @@ def profile(tau: Any, step: int, sigma_rel: float) -> np.ndarray:
     Args:
       tau: the steps to evaluate it at (array-like).
       step: t, a positive number.
-      sigma_rel: the width, in (0, 1/√12).
+      sigma_rel: the width, in [1e-38, 1/√12).
 
     Returns:
       ``p(τ)``, float64, shaped like ``tau``.
@@ -200,18 +212,20 @@ def solve_weights(
     A target equal to a snapshot (same t and width) gets that snapshot alone.
 
     Args:
-      snapshot_steps: each snapshot's t, positive ints.
+      snapshot_steps: each snapshot's t, positive whole numbers: ints or integral floats
+        (EDM2 keeps float steps), in any sequence or array.
       snapshot_sigma_rels: each snapshot's width, same length.
-      target_step: t of the targets, a positive int.
-      target_sigma_rels: the widths to reconstruct (one number or a sequence).
+      target_step: t of the targets, a positive whole number (0-d arrays too).
+      target_sigma_rels: the widths to reconstruct (one number, 0-d array or sequence).
 
     Returns:
       float64 array ``(n_snapshots, n_targets)``; each column sums to 1.
 
     Raises:
       ValueError: for lengths that differ, no snapshot or target, a step that is not a
-        positive int, a width outside (0, 1/√12), no snapshot at or before ``target_step``,
-        or a target whose profile the snapshots do not reach (all far earlier).
+        positive whole number, a width outside [1e-38, 1/√12), no snapshot at or before
+        ``target_step``, or a target whose profile the snapshots do not reach (all far
+        earlier).
 
     Example:
       >>> solve_weights([100, 100, 200, 200], [0.05, 0.1] * 2, 200, 0.1).round(6).ravel()
@@ -276,7 +290,7 @@ def reconstruct(
 
     Args:
       directory: a folder :func:`save_snapshot` wrote.
-      sigma_rel: the width to rebuild, in (0, 1/√12), or a sequence of widths.
+      sigma_rel: the width to rebuild, in [1e-38, 1/√12), or a sequence of widths.
       step: the t to rebuild at (the snapshots up to it take part); None for the latest.
       dtype: dtype of the returned floating leaves; None for the EMA's own.
       part: "params" (the weights' EMA) or "batch_stats" (the averaged statistics).
@@ -303,18 +317,23 @@ def reconstruct(
       >>> reconstruct(folder, 0.07)["w"].tolist()
       [2.0, 2.0]
     """
-    single = not isinstance(sigma_rel, Iterable)
+    single = not isinstance(sigma_rel, Iterable) or np.ndim(sigma_rel) == 0
     targets = [_check_sigma_rel(s) for s in _sequence(sigma_rel)]
     out_dtype = _check_dtype(dtype)
     _part_records({"params": [], "batch_stats": []}, part, directory)
     index = _read_index(directory)
     if not index:
-        raise FileNotFoundError(f"no snapshot in {os.fspath(directory)!r}")
+        path = _check_path(directory)
+        others = sorted(name for name in os.listdir(path) if STEP_NAME.fullmatch(name))
+        raise FileNotFoundError(
+            f"no snapshot in {path!r}"
+            + (f" (its step folders {others[:5]} hold no jema snapshot)" if others else "")
+        )
     target_step = index[-1]["step"] if step is None else _check_positive_int(step, "step")
+    saved = [m["step"] for m in index]
+    if target_step not in saved:  # the profile at a step between snapshots is not known
+        raise ValueError(f"no snapshot at step {target_step}; saved steps: {saved}")
     taking = [m for m in index if m["step"] <= target_step]
-    if not taking:
-        saved = [m["step"] for m in index]
-        raise ValueError(f"no snapshot at or before step {target_step}; saved steps: {saved}")
     records = _same_tree(taking, part, directory)
     narrowest = min(min(m["sigma_rels"]) for m in taking)
     for target in (s for s in targets if s < narrowest):
@@ -396,39 +415,206 @@ def _inner(t_a: Any, g_a: Any, t_b: Any, g_b: Any) -> np.ndarray:
 
 
 def _read_index(directory: Any, steps: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """The metadata of the snapshots at ``steps`` (None: all), by step; nothing is created."""
+    """The checked metadata of the snapshots at ``steps`` (None: all), by step; nothing is
+    created."""
     path = _check_path(directory)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no snapshot folder {path!r}")
-    index = []
+    saved = _snapshot_steps(path)
+    missing = sorted(set(steps or ()) - set(saved))
+    if missing:
+        raise FileNotFoundError(
+            f"no snapshot step {missing[0]!r} in {path!r}; saved steps: {saved}"
+        )
     with open_manager(path, None) as manager:
-        saved = sorted(manager.all_steps())
-        missing = sorted(set(steps or ()) - set(saved))
-        if missing:
-            raise FileNotFoundError(
-                f"no snapshot step {missing[0]!r} in {path!r}; saved steps: {saved}"
-            )
-        for step in saved if steps is None else sorted(steps):
-            try:
-                restored = manager.restore(
-                    step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()})
-                )
-                metadata = restored[METADATA]
-            except (KeyError, ValueError, FileNotFoundError) as e:
-                metadata = {"error": str(e)}
-            if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        return [
+            _read_metadata(manager, path, step)
+            for step in (saved if steps is None else sorted(steps))
+        ]
+
+
+def _snapshot_steps(path: str) -> list[int]:
+    """The steps of the snapshot folders in ``path``, sorted: the folders named by a step that
+    hold a snapshot item (its metadata or a stored tree). Others are not the snapshots'."""
+    steps = []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if not (STEP_NAME.fullmatch(entry.name) and entry.is_dir()):
+                continue
+            with os.scandir(entry.path) as inside:
+                if not any(_is_snapshot_item(item.name) for item in inside):
+                    continue
+            if entry.name != str(int(entry.name)):
                 raise ValueError(
-                    f"step {step} in {path!r} is not a jema snapshot (no {FORMAT!r} metadata); "
-                    "keep snapshots in a folder of their own"
+                    f"the snapshot folder {entry.path!r} is not named by its step: orbax reads "
+                    f"step {int(entry.name)} from the folder {str(int(entry.name))!r}; rename it"
                 )
-            index.append(metadata)
-    return index
+            steps.append(int(entry.name))
+    return sorted(steps)
+
+
+def _is_snapshot_item(name: str) -> bool:
+    return name == METADATA or name.startswith(tuple(f"{part}-" for part in PARTS))
+
+
+def _check_new_step(path: str, step: int) -> None:
+    """Refuse a step saved in ``path``, below a saved one, or whose folder name another kind
+    of folder holds; then clear the temporary folders killed saves left (under the lock)."""
+    saved = _snapshot_steps(path)
+    if step in saved:
+        raise ValueError(
+            f"snapshot step {step} already exists in {path}; orbax would skip it silently. "
+            "Save under a new step, or delete that step first."
+        )
+    later = [s for s in saved if s > step]
+    if later:
+        raise ValueError(
+            f"snapshot step {step} is below saved steps {later} in {path}: steps only go "
+            "forward in a folder. When training on from an earlier checkpoint, delete those "
+            "steps or save into a new folder."
+        )
+    if os.path.lexists(os.path.join(path, str(step))):
+        raise ValueError(
+            f"{os.path.join(path, str(step))!r} is in the way of snapshot step {step}: it holds "
+            "no jema snapshot; move it out of the snapshot folder"
+        )
+    if jax.process_index() == 0:
+        remove_stale_temps(path)
+
+
+def _read_metadata(manager: ocp.CheckpointManager, path: str, step: int) -> dict[str, Any]:
+    """The metadata of the snapshot at ``step``, checked (:func:`_check_metadata`) and with
+    every item it lists present."""
+    folder = os.path.join(path, str(step))
+    if not os.path.isdir(os.path.join(folder, METADATA)):
+        raise ValueError(
+            f"the snapshot folder {folder!r} holds stored trees but no {METADATA!r}: a damaged "
+            "snapshot; delete the step folder"
+        )
+    where = _metadata_file(folder)
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()})
+        )
+        metadata = restored[METADATA]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"cannot read the snapshot metadata {where!r} ({' '.join(str(e).split())[:200]}); "
+            "delete the step folder"
+        ) from e
+    checked = _check_metadata(metadata, step, folder)
+    parts = [part for part in PARTS if part in checked]
+    lost = [
+        _item(p, w)
+        for p in parts
+        for w in checked["sigma_rels"]
+        if not os.path.isdir(os.path.join(folder, _item(p, w)))
+    ]
+    if lost:
+        raise ValueError(
+            f"the snapshot folder {folder!r} lacks the items {lost} its metadata lists: a "
+            "damaged snapshot; delete the step folder"
+        )
+    return checked
+
+
+def _metadata_file(folder: str) -> str:
+    """The file of a step folder's metadata (orbax keeps a JSON item in a file of its name)."""
+    return os.path.join(folder, METADATA, METADATA)
+
+
+def _check_metadata(metadata: Any, step: int, folder: str) -> dict[str, Any]:
+    """``metadata`` when it is a jema snapshot's for its ``folder``, that of ``step``: every
+    field of its type and range, the widths distinct, the leaf paths one tree's.
+
+    Raises:
+      ValueError: naming the metadata file (the folder, for a step that is not its own).
+    """
+    where = _metadata_file(folder)
+
+    def broken(what: str) -> ValueError:
+        return ValueError(f"broken snapshot metadata {where!r}: {what}; delete the step folder")
+
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"{where!r} is not a jema snapshot's metadata (no {FORMAT!r} format); keep "
+            "snapshots in a folder of their own"
+        )
+    fields = set(metadata)
+    if not METADATA_FIELDS <= fields <= METADATA_FIELDS | {"batch_stats"}:
+        raise broken(
+            f"fields {sorted(fields)}; a snapshot's are {sorted(METADATA_FIELDS)} and maybe "
+            "'batch_stats'"
+        )
+    saved = metadata["step"]
+    if not _is_int(saved) or saved < 1:
+        raise broken(f"step {saved!r} is not a positive int")
+    if saved != step:
+        raise ValueError(
+            f"the snapshot folder {folder!r} holds the metadata of step {saved} (copied or "
+            "renamed?): a snapshot's folder is named by its step; put it back in the folder "
+            f"{str(saved)!r} or delete it"
+        )
+    widths = metadata["sigma_rels"]
+    if not isinstance(widths, list) or not widths:
+        raise broken(f"sigma_rels {widths!r} is not a non-empty list of widths")
+    for width in widths:
+        try:
+            if not isinstance(width, (int, float)):
+                raise ValueError(f"sigma_rel must be a number; got {width!r}")
+            _check_sigma_rel(width)
+        except ValueError as e:
+            raise broken(f"sigma_rels {widths!r}: {e}") from e
+    if len(set(widths)) != len(widths):
+        raise broken(f"sigma_rels {widths!r} repeat a width")
+    if metadata["dtype"] is not None and metadata["dtype"] not in STORAGE_DTYPES:
+        raise broken(f"dtype {metadata['dtype']!r} is not null or one of {STORAGE_DTYPES}")
+    for part in PARTS:
+        if part in metadata:
+            _check_records(metadata[part], part, broken)
+    return metadata
+
+
+def _check_records(records: Any, part: str, broken: Any) -> None:
+    """Each leaf record of ``part``: its path (str and int keys), shape and dtype; the paths
+    those of one tree (distinct, none inside another)."""
+    if not isinstance(records, list):
+        raise broken(f"{part} {records!r} is not a list of leaf records")
+    paths = []
+    for record in records:
+        if not isinstance(record, dict) or set(record) != RECORD_FIELDS:
+            raise broken(f"{part} record {record!r} is not a dict of {sorted(RECORD_FIELDS)}")
+        path, shape, dtype = record["path"], record["shape"], record["dtype"]
+        if not isinstance(path, list) or not all(isinstance(k, str) or _is_int(k) for k in path):
+            raise broken(f"{part} record {record!r}: path is not a list of str and int keys")
+        if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+            raise broken(f"{part} record {record!r}: shape is not a list of sizes (ints >= 0)")
+        if not (isinstance(dtype, str) and _is_dtype_name(dtype)):
+            raise broken(f"{part} record {record!r}: dtype is not a dtype's name")
+        paths.append(tuple(path))
+    inner = {p[:n] for p in paths for n in range(len(p))}
+    clash = sorted(
+        {p for p in paths if p in inner} | {p for p in paths if paths.count(p) > 1}, key=str
+    )
+    if clash:
+        raise broken(f"{part} leaf paths {clash[:5]} repeat or lie inside another leaf's")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_dtype_name(name: str) -> bool:
+    try:
+        return jnp.dtype(name).name == name
+    except (TypeError, ValueError):
+        return False
 
 
 def _record(metadata: dict[str, Any]) -> Snapshot:
     return Snapshot(
         step=metadata["step"],
-        sigma_rels=tuple(metadata["sigma_rels"]),
+        sigma_rels=tuple(sorted(metadata["sigma_rels"])),
         dtype=metadata["dtype"],
         batch_stats="batch_stats" in metadata,
     )
@@ -485,14 +671,28 @@ def _path_text(record: dict[str, Any]) -> str:
     return "/".join(map(str, record["path"]))
 
 
-def _flat(leaves: list[Any], storage: str | None) -> dict[str, Any]:
-    """The leaves as orbax's flat dict, floating ones in the storage dtype."""
+def _stored(tree: Any, storage: str | None, item: str) -> dict[str, Any]:
+    """The leaves as orbax's flat dict, floating ones in the storage dtype.
 
-    def stored(x: Any) -> Any:
-        floating = is_floating(x.dtype)
-        return x.astype(storage) if storage is not None and floating else x
-
-    return {_leaf_name(i): stored(leaf) for i, leaf in enumerate(leaves)}
+    Raises:
+      ValueError: naming the item and leaf, when a finite value would become inf in the
+        storage dtype (float16 ends at 65504).
+    """
+    flat = {}
+    for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0]):
+        if storage is not None and is_floating(leaf.dtype):
+            cast = leaf.astype(storage)
+            if bool(jnp.any(jnp.isinf(cast) & jnp.isfinite(leaf))):
+                largest = float(jnp.max(jnp.where(jnp.isfinite(leaf), jnp.abs(leaf), 0)))
+                raise ValueError(
+                    f"{item}{jax.tree_util.keystr(path)} holds values up to {largest:g}, past "
+                    f"{storage}'s largest {float(jnp.finfo(storage).max):g}: stored as {storage} "
+                    "they would become inf. Save with dtype='bfloat16' (float32's range) or "
+                    "'float32'; nothing was written."
+                )
+            leaf = cast
+        flat[_leaf_name(i)] = leaf
+    return flat
 
 
 def _leaf_name(i: int) -> str:
@@ -558,15 +758,20 @@ def _progress(items: list[Any], enabled: bool, total: int) -> Iterable[Any]:
 
 
 def _sequence(value: Any) -> list[Any]:
-    if isinstance(value, (str, bytes)):
+    if isinstance(value, (str, bytes)) or np.ndim(value) == 0:
         return [value]
     return list(value) if isinstance(value, Iterable) else [value]
 
 
 def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    """A step: a positive whole number (ints, exactly; integral floats such as EDM2's float
+    step arrays hold; 0-d numpy and jax arrays)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    number = real_inside(value, 0.0, math.inf)
+    if number is None or number < 1 or number != int(number):
         raise ValueError(f"{name} must hold positive ints (optimizer steps); got {value!r}")
-    return int(value)
+    return int(number)
 
 
 def _check_path(directory: Any) -> str:

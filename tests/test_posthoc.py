@@ -3,8 +3,11 @@ numbers (POSTHOC-FACTS.md), closed forms and numpy replays."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -20,6 +23,7 @@ from hypothesis import strategies as st
 
 import jema
 from jema import posthoc
+from jema._power import SIGMA_REL_MAX, SIGMA_REL_MIN
 from jema.checkpoint import save
 
 WIDTHS = (0.05, 0.10)
@@ -248,8 +252,8 @@ def test_one_snapshot_gets_all_the_weight_and_a_tracked_target_its_own_snapshot(
         (([0], [0.05], 2, 0.1), "snapshot_steps must hold positive ints .*; got 0"),
         (([2.5], [0.05], 2, 0.1), "snapshot_steps must hold positive ints .*; got 2.5"),
         (([True], [0.05], 2, 0.1), "snapshot_steps must hold positive ints .*; got True"),
-        (([1], [0.3], 2, 0.1), r"sigma_rel must be a number in \(0, 0.2887\)"),
-        (([1], [0.05], 2, math.nan), r"sigma_rel must be a number in \(0, 0.2887\)"),
+        (([1], [0.3], 2, 0.1), r"sigma_rel must be a number in \[1e-38, 0.2887\)"),
+        (([1], [0.05], 2, math.nan), r"sigma_rel must be a number in \[1e-38, 0.2887\)"),
         (([1], [0.05], 2, []), "target_sigma_rels must name at least one width"),
         (([1], [0.05], 0, 0.1), "target_step must hold positive ints .*; got 0"),
         (([5, 7], [0.05, 0.1], 4, 0.1), "no snapshot at or before target_step 4; the earliest"),
@@ -259,6 +263,51 @@ def test_one_snapshot_gets_all_the_weight_and_a_tracked_target_its_own_snapshot(
 def test_solve_weights_refuses_bad_input(args, message):
     with pytest.raises(ValueError, match=message):
         posthoc.solve_weights(*args)
+
+
+@pytest.mark.parametrize(
+    "as_given",
+    [
+        lambda steps, widths, target, s: (np.asarray(steps, np.float64), widths, target, s),
+        lambda steps, widths, target, s: (jnp.asarray(steps), widths, jnp.asarray(target), s),
+        lambda steps, widths, target, s: (steps, np.asarray(widths), np.float64(target), s),
+        lambda steps, widths, target, s: (tuple(steps), widths, target, np.asarray(s)),
+    ],
+    ids=["edm2-float-steps", "jnp-int-arrays", "numpy-widths", "0-d-target"],
+)
+def test_solve_weights_takes_edm2s_float_steps_any_array_likes_and_0d_values(as_given):
+    steps, widths, target, s = [100, 100, 200, 200], [0.05, 0.1, 0.05, 0.1], 200, 0.07
+    expected = posthoc.solve_weights(steps, widths, target, s)
+    np.testing.assert_array_equal(
+        posthoc.solve_weights(*as_given(steps, widths, target, s)), expected
+    )
+
+
+@pytest.mark.parametrize("tiny", [1e-155, 1e-300, 5e-39, 0.0, -0.1])
+def test_too_narrow_a_width_is_a_value_error_naming_sigma_rel(tiny):
+    with pytest.raises(ValueError, match=r"sigma_rel must be a number in \[1e-38, 0.2887\)"):
+        jema.sigma_rel_to_gamma(tiny)
+
+
+@given(s=st.floats(SIGMA_REL_MIN, SIGMA_REL_MAX, exclude_max=True))
+def test_sigma_rel_to_gamma_and_back_is_the_identity(s):
+    assert jema.gamma_to_sigma_rel(jema.sigma_rel_to_gamma(s)) == pytest.approx(s, rel=1e-12)
+
+
+def test_a_step_between_snapshots_is_refused_not_answered_for_the_earlier_one(tmp_path):
+    tx = jema.power_ema(WIDTHS)
+    update = post_step_update(tx)
+    state = tx.init({"w": jnp.zeros(2)})
+    for t in range(1, 201):
+        state = update(state, {"w": jnp.full(2, float(t))})
+        if t % 100 == 0:
+            posthoc.save_snapshot(tmp_path, state)
+    with pytest.raises(ValueError, match=r"no snapshot at step 150; saved steps: \[100, 200\]"):
+        posthoc.reconstruct(tmp_path, 0.07, step=150)
+    np.testing.assert_array_equal(
+        posthoc.reconstruct(tmp_path, 0.07, step=np.float64(100.0))["w"],
+        posthoc.reconstruct(tmp_path, 0.07, step=100)["w"],
+    )
 
 
 @pytest.fixture
@@ -325,7 +374,7 @@ def test_reconstruct_refuses_bad_folders_steps_and_arguments(tmp_path, one_step_
     later = one_step_state[1]._replace(count=jnp.asarray(8, jnp.int32))
     posthoc.save_snapshot(tmp_path, later)
     for kwargs, message in [
-        ({"step": 7}, r"no snapshot at or before step 7; saved steps: \[8\]"),
+        ({"step": 7}, r"no snapshot at step 7; saved steps: \[8\]"),
         ({"step": 0}, "step must hold positive ints"),
         ({"dtype": "int32"}, "dtype must be a floating dtype such as 'float32'; got 'int32'"),
         ({"dtype": "nope"}, "dtype must be a floating dtype"),
@@ -334,7 +383,7 @@ def test_reconstruct_refuses_bad_folders_steps_and_arguments(tmp_path, one_step_
     ]:
         with pytest.raises(ValueError, match=message):
             posthoc.reconstruct(tmp_path, 0.07, **kwargs)
-    with pytest.raises(ValueError, match=r"sigma_rel must be a number in \(0, 0.2887\)"):
+    with pytest.raises(ValueError, match=r"sigma_rel must be a number in \[1e-38, 0.2887\)"):
         posthoc.reconstruct(tmp_path, [0.07, 0.5])
     with pytest.raises(FileNotFoundError, match=r"no snapshot step 7 in .*; saved steps: \[8\]"):
         posthoc.load_snapshot(tmp_path, 7, 0.05)
@@ -355,15 +404,170 @@ def test_snapshots_of_different_trees_are_refused(tmp_path, one_step_state):
     np.testing.assert_allclose(posthoc.reconstruct(tmp_path, 0.1, step=1)["w"], 0.9, rtol=1e-7)
 
 
-def test_a_folder_of_other_checkpoints_is_not_read_as_snapshots(tmp_path):
+def saved_at(folder, state, steps):
+    """Snapshots of ``state`` at ``steps`` (its count set to each)."""
+    for step in steps:
+        posthoc.save_snapshot(folder, state._replace(count=jnp.asarray(step, jnp.int32)))
+
+
+def metadata_file(folder, step):
+    return folder / str(step) / "metadata" / "metadata"
+
+
+def test_a_folder_of_other_checkpoints_holds_no_snapshot(tmp_path, one_step_state):
     save(tmp_path, 3, {"w": jnp.ones(2)})
-    with pytest.raises(ValueError, match="step 3 in .* is not a jema snapshot"):
+    assert posthoc.list_snapshots(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match=r"no snapshot in .* step folders \['3'\] hold no"):
+        posthoc.reconstruct(tmp_path, 0.07)
+    saved_at(tmp_path, one_step_state[1], [5])
+    assert [s.step for s in posthoc.list_snapshots(tmp_path)] == [5]
+
+
+@pytest.mark.parametrize(("source", "copy"), [(20, 25), (30, 40)], ids=["cp-r-20-25", "30-in-40"])
+def test_metadata_of_another_step_than_its_folder_is_refused_naming_the_folder(
+    tmp_path, one_step_state, source, copy
+):
+    saved_at(tmp_path, one_step_state[1], [10, 20, 30])
+    shutil.copytree(tmp_path / str(source), tmp_path / str(copy))
+    message = rf"snapshot folder '.*{os.sep}{copy}' holds the metadata of step {source} "
+    for call in (
+        lambda: posthoc.list_snapshots(tmp_path),
+        lambda: posthoc.reconstruct(tmp_path, 0.07),
+        lambda: posthoc.load_snapshot(tmp_path, copy, 0.05),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_foreign_folders_are_left_alone_by_listing_reconstructing_and_saving(
+    tmp_path, one_step_state
+):
+    state = one_step_state[1]
+    saved_at(tmp_path, state, [10, 20])
+    want = posthoc.reconstruct(tmp_path, 0.07)["w"]
+    (tmp_path / "5").mkdir()  # empty
+    (tmp_path / "99").mkdir()
+    (tmp_path / "99" / "notes.txt").write_text("not a snapshot")
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "metadata").mkdir()  # a name that is no step: never read
+    (tmp_path / "007").mkdir()
+    (tmp_path / "README").write_text("mine")
+    assert [s.step for s in posthoc.list_snapshots(tmp_path)] == [10, 20]
+    np.testing.assert_array_equal(posthoc.reconstruct(tmp_path, 0.07)["w"], want)
+    saved_at(tmp_path, state, [30, 100])  # 99 does not block later saves
+    assert [s.step for s in posthoc.list_snapshots(tmp_path)] == [10, 20, 30, 100]
+    with pytest.raises(FileNotFoundError, match=r"no snapshot step 99 .*\[10, 20, 30, 100\]"):
+        posthoc.load_snapshot(tmp_path, 99, 0.05)
+    with pytest.raises(ValueError, match="snapshot step 5 is below saved steps"):
+        saved_at(tmp_path, state, [5])
+    other = tmp_path / "other"
+    saved_at(other, state, [10])
+    (other / "99").mkdir()
+    with pytest.raises(ValueError, match=r"'.*99' is in the way of snapshot step 99: it holds no"):
+        saved_at(other, state, [99])
+    assert list((other / "99").iterdir()) == [] and (tmp_path / "99" / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit()) == [
+        "007", "10", "100", "20", "30", "5", "99"
+    ]  # fmt: skip
+
+
+def test_damaged_snapshot_folders_are_refused_naming_them(tmp_path, one_step_state):
+    saved_at(tmp_path, one_step_state[1], [10, 20])
+    shutil.copytree(tmp_path / "20", tmp_path / "030")
+    with pytest.raises(ValueError, match=r"folder '.*030' is not named by its step: .*'30'"):
         posthoc.list_snapshots(tmp_path)
+    shutil.rmtree(tmp_path / "030")
+    shutil.rmtree(tmp_path / "20" / "params-0.05")
+    with pytest.raises(ValueError, match=r"'.*20' lacks the items \['params-0.05'\] its metadata"):
+        posthoc.reconstruct(tmp_path, 0.07)
+    shutil.rmtree(tmp_path / "20" / "metadata")
+    with pytest.raises(ValueError, match=r"folder '.*20' holds stored trees but no 'metadata'"):
+        posthoc.list_snapshots(tmp_path)
+    with pytest.raises(ValueError, match="snapshot step 15 is below saved steps"):
+        saved_at(tmp_path, one_step_state[1], [15])  # a damaged snapshot is still a snapshot
+
+
+def broken(field, value):
+    """A metadata edit: ``field`` set to ``value`` (deleted for ``...``)."""
+
+    def edit(metadata):
+        if value is ...:
+            del metadata[field]
+        else:
+            metadata[field] = value
+        return metadata
+
+    return edit
+
+
+def first_record(**changes):
+    def edit(metadata):
+        metadata["params"][0] = {**metadata["params"][0], **changes}
+        return metadata
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("{not json", "cannot read the snapshot metadata"),
+        ("", "cannot read the snapshot metadata"),
+        (lambda m: [m], "is not a jema snapshot's metadata"),
+        (broken("format", "jema.posthoc/0"), "is not a jema snapshot's metadata"),
+        (broken("step", ...), "fields .*; a snapshot's are"),
+        (broken("extra", 1), "fields .*; a snapshot's are"),
+        (broken("step", "20"), "step '20' is not a positive int"),
+        (broken("step", 20.0), "step 20.0 is not a positive int"),
+        (broken("step", True), "step True is not a positive int"),
+        (broken("step", -20), "step -20 is not a positive int"),
+        (broken("sigma_rels", ...), "fields"),
+        (broken("sigma_rels", []), r"sigma_rels \[\] is not a non-empty list"),
+        (broken("sigma_rels", 0.05), "sigma_rels 0.05 is not a non-empty list"),
+        (broken("sigma_rels", [0.05, 0.05]), r"sigma_rels \[0.05, 0.05\] repeat a width"),
+        (broken("sigma_rels", ["0.05"]), "sigma_rel must be a number; got '0.05'"),
+        (broken("sigma_rels", [0.05, None]), "sigma_rel must be a number; got None"),
+        (broken("sigma_rels", [0.5]), r"sigma_rel must be a number in \[1e-38"),
+        (broken("dtype", "float64"), "dtype 'float64' is not null or one of"),
+        (broken("dtype", 16), "dtype 16 is not null or one of"),
+        (broken("params", ...), "fields"),
+        (broken("params", {"w": 1}), "params {'w': 1} is not a list of leaf records"),
+        (broken("params", [7]), "params record 7 is not a dict of"),
+        (broken("batch_stats", None), "batch_stats None is not a list of leaf records"),
+        (first_record(shape=None), "shape is not a list of sizes"),
+        (first_record(shape=[-3]), "shape is not a list of sizes"),
+        (first_record(shape=[3.0]), "shape is not a list of sizes"),
+        (first_record(path="w"), "path is not a list of str and int keys"),
+        (first_record(path=[None]), "path is not a list of str and int keys"),
+        (first_record(dtype="nope"), "dtype is not a dtype's name"),
+        (first_record(dtype=["float32"]), "dtype is not a dtype's name"),
+        (first_record(extra=1), "is not a dict of"),
+        (lambda m: {**m, "params": m["params"] * 2}, r"leaf paths \[\('w',\)\] repeat"),
+        (lambda m: {**m, "params": [*m["params"], {**m["params"][0], "path": ["w", "x"]}]},
+         r"leaf paths \[\('w',\)\] repeat or lie inside"),
+    ],
+)  # fmt: skip
+def test_hand_broken_metadata_is_a_value_error_naming_the_file(
+    tmp_path, one_step_state, edit, message
+):
+    saved_at(tmp_path, one_step_state[1], [10, 20])
+    file = metadata_file(tmp_path, 20)
+    text = edit if isinstance(edit, str) else json.dumps(edit(json.loads(file.read_text())))
+    file.write_text(text)
+    where = re.escape(repr(str(file)))
+    for call in (
+        lambda: posthoc.list_snapshots(tmp_path),
+        lambda: posthoc.reconstruct(tmp_path, 0.07, step=20),
+        lambda: posthoc.load_snapshot(tmp_path, 20, 0.05),
+    ):
+        with pytest.raises(ValueError, match=f"{where}.*{message}|{message}.*{where}"):
+            call()
 
 
 MEASURE = """
 import sys
 from jema import posthoc
+from jema._power import SIGMA_REL_MAX, SIGMA_REL_MIN
 
 def kib(field):  # this process's resident memory (VmRSS) or its peak since a reset (VmHWM)
     with open("/proc/self/status") as status:
@@ -381,6 +585,7 @@ print(grown / sum(x.nbytes for x in tree.values()))
 WRITE = """
 import sys, jax, jax.numpy as jnp, numpy as np, jema
 from jema import posthoc
+from jema._power import SIGMA_REL_MAX, SIGMA_REL_MIN
 n, leaves = int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
 params = {f"w{i}": jnp.asarray(rng.standard_normal(n // leaves, np.float32)) for i in range(leaves)}

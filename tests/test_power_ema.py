@@ -100,13 +100,25 @@ def test_readers_pick_a_width_and_list_the_tracked_ones():
         ((), "non-empty sequence"),
         (0.05, "non-empty sequence"),
         ((0.05, 0.05), "distinct"),
-        ((0.3,), r"sigma_rel must be a number in \(0, 0\.2887\)"),
+        ((0.3,), r"sigma_rel must be a number in \[1e-38, 0\.2887\)"),
         ((float("nan"),), "sigma_rel must be a number"),
     ],
 )
 def test_bad_widths_are_refused(sigma_rels, message):
     with pytest.raises(ValueError, match=message):
         jema.power_ema(sigma_rels)
+
+
+@pytest.mark.parametrize("narrowest", [1e-38, 1e-6])
+def test_the_narrowest_widths_average_within_float32(narrowest):
+    """γ ≈ 1/σ_rel stays a float32 number down to SIGMA_REL_MIN (no overflow warning, which
+    pytest turns into an error): at t ≤ 60 such an EMA is the last step's weights."""
+    from jema._power import SIGMA_REL_MIN
+
+    assert narrowest >= SIGMA_REL_MIN
+    trajectory = np.arange(1.0, 61.0, dtype=np.float32)[:, None] * np.ones(3, np.float32)
+    state = run(jema.power_ema((narrowest, 0.10)), trajectory)
+    assert jema.ema_params(state, sigma_rel=narrowest)["w"].tolist() == [60.0] * 3
 
 
 def test_skip_nonfinite_keeps_the_emas_and_the_count():

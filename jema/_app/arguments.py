@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import NoReturn
 
-from jema._power import SIGMA_REL_MAX, _check_sigma_rel
+from jema._power import SIGMA_REL_MAX, SIGMA_REL_MIN, _check_sigma_rel
 
 
 class Parser(argparse.ArgumentParser):
@@ -161,5 +161,5 @@ def sigma_rel(text: str) -> float:
         return _check_sigma_rel(float(text))
     except ValueError as e:
         raise argparse.ArgumentTypeError(
-            f"must be a width in (0, {SIGMA_REL_MAX:.4f}); got {text!r}"
+            f"must be a width in [{SIGMA_REL_MIN:g}, {SIGMA_REL_MAX:.4f}); got {text!r}"
         ) from e

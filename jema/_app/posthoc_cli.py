@@ -58,7 +58,7 @@ def export(
       directory: a snapshot folder.
       width: the σ_rel to rebuild.
       out: the file to write: ``.safetensors``, else a ``torch.save`` file (needs PyTorch).
-      step: the step to rebuild at; None for the latest snapshot.
+      step: the step to rebuild at, a snapshot's; None for the latest snapshot.
       torch_template: a ``.pth``/``.pt``/``.safetensors`` file whose state_dict (its
         ``ema_net``, else ``net``, else the bare dict) gives the names, order and buffers.
       progress: a progress bar over the snapshots (when tqdm is installed).
@@ -91,10 +91,11 @@ def export(
     parts = ["params"]
     if any(s.batch_stats for s in snapshots if s.step <= step):
         parts.append("batch_stats")
-    variables = {
+    variables = {  # reconstruct refuses a step with no snapshot: the label below is exact
         part: posthoc.reconstruct(directory, width, step=step, part=part, progress=progress)
         for part in parts
     }
+    step = next(s.step for s in snapshots if s.step == step)
     interop.save_checkpoint(
         out,
         net=variables,
