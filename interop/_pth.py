@@ -283,9 +283,11 @@ def write_pth(path: str | os.PathLike[str], obj: Any) -> None:
 
     numpy and jax arrays (and tensors, when PyTorch is there) become tensors of their dtype and
     shape (0-d kept); one array object under several keys becomes one tensor (one storage), as
-    ``torch.save`` writes tied weights. An array that is a permuted view of contiguous memory (a
-    transposed kernel) is written as that memory with its strides, without a copy, as
-    ``torch.save`` writes a transposed tensor.
+    ``torch.save`` writes tied weights. Arrays of one dtype viewing one buffer (what
+    ``read_pth`` returns for tensors sharing a storage) share one storage, as ``torch.save``
+    writes views of one tensor, when the bytes they span are no more than theirs together; a
+    transposed or broadcast array is written as the memory it views, with its strides, without
+    a copy; any other array as a contiguous copy.
 
     Args:
       path: the file to write.
@@ -306,24 +308,29 @@ def write_pth(path: str | os.PathLike[str], obj: Any) -> None:
       ...     read_pth(path)["w"].strides
       (4, 12)
     """
-    blocks: list[np.ndarray] = []
+    arrays: list[np.ndarray] = []
 
-    def tensor(value: Any, where: str) -> Tensor | None:
+    def collect(value: Any, where: str) -> Tensor | None:
+        array = _array_to_write(value, where)
+        if array is not None:
+            arrays.append(array)
+            return Tensor("0", np.empty(0, array.dtype), 0, array.shape, array.strides)
+        return None
+
+    dump(obj, collect)  # every array first, so views of one buffer can share one storage
+    planned = _plan(arrays)
+    blocks: list[np.ndarray] = []
+    keys: dict[int, str] = {}
+    calls = iter(zip(arrays, planned, strict=True))
+
+    def tensor(value: Any, _: str) -> Tensor | None:
         if not is_array(value):
-            if isinstance(value, np.generic):
-                raise TypeError(
-                    f"cannot store {where} (a numpy {value.dtype} scalar): torch.load("
-                    "weights_only=True) refuses numpy scalars; pass float(x), int(x) or "
-                    "np.asarray(x)"
-                )
             return None
-        try:
-            array = as_numpy(value)
-        except TypeError as e:
-            raise TypeError(f"cannot store {where}: {e}") from None
-        block, strides = _memory(array)
-        blocks.append(block)
-        return Tensor(str(len(blocks) - 1), block, 0, array.shape, strides)
+        array, (block, offset, strides) = next(calls)
+        if id(block) not in keys:
+            keys[id(block)] = str(len(blocks))
+            blocks.append(block)
+        return Tensor(keys[id(block)], block, offset, array.shape, strides)
 
     pickle = dump(obj, tensor)
     stem = os.path.splitext(os.path.basename(os.fspath(path)))[0]
@@ -331,20 +338,103 @@ def write_pth(path: str | os.PathLike[str], obj: Any) -> None:
     write_atomic(path, lambda temp: _write_zip(temp, folder, pickle, blocks))
 
 
-def _memory(array: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The 1-d memory a tensor of ``array`` views, and its strides in elements: the array's
-    own memory when it is a permuted contiguous array, else a contiguous copy."""
-    itemsize = array.dtype.itemsize
-    if array.size > 1 and all(s >= 0 and s % itemsize == 0 for s in array.strides):
-        order = np.argsort(array.strides, kind="stable")[::-1]
-        permuted = array.transpose(order)
-        if permuted.flags.c_contiguous:
-            return permuted.reshape(-1), tuple(s // itemsize for s in array.strides)
-    dense = np.ascontiguousarray(array)
+def _array_to_write(value: Any, where: str) -> np.ndarray | None:
+    """The numpy array of an array or tensor to write, None for another value."""
+    if not is_array(value):
+        if isinstance(value, np.generic):
+            raise TypeError(
+                f"cannot store {where} (a numpy {value.dtype} scalar): torch.load("
+                "weights_only=True) refuses numpy scalars; pass float(x), int(x) or "
+                "np.asarray(x)"
+            )
+        return None
+    try:
+        return as_numpy(value)
+    except TypeError as e:
+        raise TypeError(f"cannot store {where}: {e}") from None
+
+
+class _Span(NamedTuple):
+    """Where an array's elements lie in the bytes of the buffer that holds them."""
+
+    owner: int  # id of the object owning the buffer
+    raw: np.ndarray  # the buffer's bytes, uint8
+    start: int  # the array's lowest byte
+    end: int  # one past its highest byte
+
+
+def _span(array: np.ndarray) -> _Span | None:
+    """The span of an array in its owner's buffer; None where there is none to share (no
+    elements, negative or odd strides, an owner that exports no contiguous buffer)."""
+    itemsize = array.itemsize
+    if array.size == 0 or any(s < 0 or s % itemsize for s in array.strides):
+        return None
+    owner: Any = array
+    while getattr(owner, "base", None) is not None:  # ndarrays, as_strided's DummyArray
+        owner = owner.base
+    try:
+        if isinstance(owner, np.ndarray):
+            if not (owner.flags.c_contiguous or owner.flags.f_contiguous):
+                return None
+            raw = owner.ravel(order="K").view(np.uint8)
+        else:
+            raw = np.frombuffer(owner, np.uint8)
+    except (TypeError, ValueError, BufferError):
+        return None
+    start = array.ctypes.data - raw.ctypes.data
+    end = (
+        start + itemsize + sum(s * (n - 1) for s, n in zip(array.strides, array.shape, strict=True))
+    )
+    if start < 0 or end > raw.size:
+        return None
+    return _Span(id(owner), raw, start, end)
+
+
+def _plan(arrays: list[np.ndarray]) -> list[tuple[np.ndarray, int, tuple[int, ...]]]:
+    """Each array's storage (1-d, its dtype), offset and strides in elements.
+
+    Arrays of one dtype in one buffer share one storage, its bytes the span they cover, as
+    ``torch.save`` writes views of one tensor, when that span is no larger than their own
+    bytes together (never more written than copies would be). Else an array's own span, when
+    it is no larger than the array (a transposed or broadcast view, written without a copy),
+    else a contiguous copy.
+    """
+    spans = [_span(a) for a in arrays]
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (array, span) in enumerate(zip(arrays, spans, strict=True)):
+        if span is not None:
+            groups.setdefault((span.owner, array.dtype, span.start % array.itemsize), []).append(i)
+    planned: list[Any] = [None] * len(arrays)
+    for members in groups.values():
+        low = min(spans[i].start for i in members)  # type: ignore[union-attr]
+        high = max(spans[i].end for i in members)  # type: ignore[union-attr]
+        if high - low > sum(arrays[i].nbytes for i in members):
+            continue
+        block = spans[members[0]].raw[low:high].view(arrays[members[0]].dtype)  # type: ignore[union-attr]
+        for i in members:
+            planned[i] = _view_of(block, low, arrays[i], spans[i])
+    for i, (array, span) in enumerate(zip(arrays, spans, strict=True)):
+        if planned[i] is None and span is not None and span.end - span.start <= array.nbytes:
+            planned[i] = _view_of(span.raw[span.start : span.end].view(array.dtype), span.start,
+                                  array, span)  # fmt: skip
+        elif planned[i] is None:
+            planned[i] = _dense(array)
+    return planned
+
+
+def _view_of(
+    block: np.ndarray, low: int, array: np.ndarray, span: Any
+) -> tuple[np.ndarray, int, tuple[int, ...]]:
+    itemsize = array.itemsize
+    return block, (span.start - low) // itemsize, tuple(s // itemsize for s in array.strides)
+
+
+def _dense(array: np.ndarray) -> tuple[np.ndarray, int, tuple[int, ...]]:
+    """A contiguous copy of ``array`` (none when it is one), row-major strides in elements."""
     strides = [1] * array.ndim
     for axis in range(array.ndim - 2, -1, -1):
         strides[axis] = strides[axis + 1] * max(array.shape[axis + 1], 1)
-    return dense.reshape(-1), tuple(strides)
+    return np.ascontiguousarray(array).reshape(-1), 0, tuple(strides)
 
 
 def _write_zip(temp: str, folder: str, pickle: bytes, blocks: list[np.ndarray]) -> None:
