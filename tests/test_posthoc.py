@@ -176,6 +176,49 @@ def test_bfloat16_snapshots_reconstruct_a_width_between_the_tracked_ones(tmp_pat
     assert default.dtype == np.dtype(params_dtype)
 
 
+def test_float8_snapshots_are_averaged_as_the_weights_say(tmp_path):
+    """An EMA held in float8 is snapshotted as it is and averaged in float32: the
+    reconstruction is the weighted sum of the stored float8 values (a numpy replay)."""
+    tx = jema.power_ema(WIDTHS)
+    update = post_step_update(tx)
+    state = tx.init({"w": jnp.zeros(3)})
+    folders = {"f8": tmp_path / "f8", "f32": tmp_path / "f32"}
+    for t in range(1, 401):
+        state = update(state, {"w": jnp.full(3, float(t))})
+        if t % 40 == 0:
+            f8 = jax.tree.map(lambda x: x.astype(jnp.float8_e4m3fn), state.emas)
+            posthoc.save_snapshot(folders["f8"], state._replace(emas=f8))
+            posthoc.save_snapshot(folders["f32"], state)
+    got = posthoc.reconstruct(folders["f8"], 0.07, dtype="float32")["w"]
+    rows = [(t, s) for t in range(40, 401, 40) for s in WIDTHS]
+    weights = posthoc.solve_weights([t for t, _ in rows], [s for _, s in rows], 400, 0.07)[:, 0]
+    stored = [posthoc.load_snapshot(folders["f8"], t, s)["w"] for t, s in rows]
+    assert {x.dtype for x in stored} == {np.dtype(ml_dtypes.float8_e4m3fn)}
+    replay = sum(w * x.astype(np.float64) for w, x in zip(weights, stored, strict=True))
+    np.testing.assert_allclose(got, replay, rtol=1e-6)
+    # each stored value is off by at most 2**-4 of itself (3 mantissa bits)
+    bound = np.abs(weights).sum() * 2**-4
+    np.testing.assert_allclose(got, posthoc.reconstruct(folders["f32"], 0.07)["w"], rtol=bound)
+    assert posthoc.reconstruct(folders["f8"], 0.07)["w"].dtype == ml_dtypes.float8_e4m3fn
+
+
+@pytest.mark.parametrize("big", [65520.0, -1e6, 3e38])
+def test_float16_storage_refuses_values_it_would_turn_into_inf(tmp_path, one_step_state, big):
+    w = jnp.asarray([1.0, big, 65504.0])
+    state = one_step_state[1]
+    state = state._replace(emas={k: {"w": w} for k in state.emas})
+    message = f"params-0.05['w'] holds values up to {abs(big):g}, past float16's largest 65504"
+    with pytest.raises(ValueError, match=re.escape(message) + ": .* would become inf"):
+        posthoc.save_snapshot(tmp_path / "f16", state, dtype="float16")
+    assert not (tmp_path / "f16").exists()
+    posthoc.save_snapshot(tmp_path / "bf16", state, dtype="bfloat16")
+    stored = posthoc.load_snapshot(tmp_path / "bf16", 1, 0.1)["w"].astype(np.float32)
+    np.testing.assert_allclose(stored, w, rtol=2**-8)
+    inf = state._replace(emas={k: {"w": jnp.asarray([1.0, np.inf, 65504.0])} for k in state.emas})
+    posthoc.save_snapshot(tmp_path / "inf", inf, dtype="float16")  # inf already: kept as it is
+    assert posthoc.load_snapshot(tmp_path / "inf", 1, 0.1)["w"].tolist() == [1.0, np.inf, 65504.0]
+
+
 def test_the_tree_comes_back_as_nested_dicts_with_non_floating_leaves_kept(tmp_path):
     params = {"layers": [{"k": jnp.ones(2)}, {"k": jnp.ones(2)}], "n": jnp.arange(3)}
     tx = jema.power_ema((0.1,))
@@ -236,6 +279,28 @@ def test_solved_weights_do_not_depend_on_the_time_unit(steps, target, unit):
     np.testing.assert_allclose(
         scaled, posthoc.solve_weights(steps, widths, at, target), rtol=1e-5, atol=1e-6
     )
+
+
+@given(snapshot_grids, st.sampled_from(["float64", "jnp", "tuple"]))
+def test_solved_weights_take_steps_as_integral_floats_and_arrays(snapshots, kind):
+    steps = [t for t, _ in snapshots]
+    widths = [s for _, s in snapshots]
+    at = max(steps)
+    given_as = {
+        "float64": lambda: (np.asarray(steps, np.float64), np.float64(at)),
+        "jnp": lambda: (jnp.asarray(steps), jnp.asarray(at)),
+        "tuple": lambda: (tuple(np.int64(t) for t in steps), np.int64(at)),
+    }[kind]()
+    np.testing.assert_array_equal(
+        posthoc.solve_weights(given_as[0], np.asarray(widths), given_as[1], np.asarray(0.07)),
+        posthoc.solve_weights(steps, widths, at, 0.07),
+    )
+
+
+@given(st.integers(1, 10**6), st.floats(0.01, 0.99))
+def test_solve_weights_refuses_steps_that_are_not_whole(step, fraction):
+    with pytest.raises(ValueError, match="snapshot_steps must hold positive ints"):
+        posthoc.solve_weights(np.asarray([step + fraction]), [0.05], step + 1, 0.07)
 
 
 def test_one_snapshot_gets_all_the_weight_and_a_tracked_target_its_own_snapshot():
@@ -327,6 +392,7 @@ def test_save_snapshot_refuses_bad_input_and_writes_nothing(tmp_path, one_step_s
     cases = [
         ({"dtype": "float64"}, ValueError, r"dtype must be None or one of \('float16'"),
         ({"dtype": jnp.int8}, ValueError, "dtype must be None or one of"),
+        ({"dtype": "float8_e4m3fn"}, ValueError, "dtype must be None or one of"),
         ({"dtype": "nope"}, ValueError, "got 'nope'"),
     ]
     for kwargs, error, message in cases:
@@ -562,6 +628,69 @@ def test_hand_broken_metadata_is_a_value_error_naming_the_file(
     ):
         with pytest.raises(ValueError, match=f"{where}.*{message}|{message}.*{where}"):
             call()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+leaf_records = st.lists(
+    st.fixed_dictionaries(
+        {
+            "path": st.lists(st.text(max_size=3) | st.integers(0, 9), min_size=2, max_size=2),
+            "shape": st.lists(st.integers(0, 5), max_size=3),
+            "dtype": st.sampled_from(["float32", "bfloat16", "float16", "int32", "bool"]),
+        }
+    ),
+    max_size=4,
+    unique_by=lambda record: tuple(record["path"]),
+)
+valid_metadata = st.fixed_dictionaries(
+    {
+        "format": st.just(posthoc.FORMAT),
+        "step": st.integers(1, 10**12),
+        "sigma_rels": st.lists(st.floats(SIGMA_REL_MIN, 0.28), min_size=1, max_size=3, unique=True),
+        "dtype": st.sampled_from([None, *posthoc.STORAGE_DTYPES]),
+        "params": leaf_records,
+    },
+    optional={"batch_stats": leaf_records},
+)
+
+
+@given(valid_metadata)
+def test_the_metadata_schema_takes_every_metadata_save_snapshot_writes(metadata):
+    folder = os.path.join("snapshots", str(metadata["step"]))
+    assert posthoc._check_metadata(metadata, metadata["step"], folder) is metadata
+    with pytest.raises(ValueError, match=f"folder {re.escape(repr(folder))} holds the metadata"):
+        posthoc._check_metadata(metadata, metadata["step"] + 1, folder)
+
+
+@given(valid_metadata, st.data())
+def test_a_broken_metadata_field_is_only_ever_a_value_error_naming_the_file(metadata, data):
+    field = data.draw(st.sampled_from([*metadata, "params.path", "params.shape", "params.dtype"]))
+    value = data.draw(json_values)
+    if field.startswith("params.") and metadata["params"]:
+        metadata["params"][0][field.split(".")[1]] = value
+    elif not field.startswith("params."):
+        metadata[field] = value
+    folder = os.path.join("snapshots", "7")
+    try:
+        checked = posthoc._check_metadata(metadata, 7, folder)
+    except ValueError as e:
+        assert repr(os.path.join(folder, "metadata", "metadata")) in str(e) or repr(folder) in str(
+            e
+        )
+    else:
+        assert checked["step"] == 7 and checked["sigma_rels"]
+
+
+@given(json_values)
+def test_json_without_the_format_is_not_a_snapshots_metadata(value):
+    with pytest.raises(ValueError, match="is not a jema snapshot's metadata"):
+        posthoc._check_metadata(value, 1, "1")
 
 
 MEASURE = """
