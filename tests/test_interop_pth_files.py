@@ -1,8 +1,9 @@
 """.pth files read and written with numpy alone (no PyTorch): what ``write_checkpoint`` writes
 ``read_checkpoint`` reads back bit for bit, ties and strides kept, memory-mapped and
 read-only; the zip layout is ``torch.save``'s; copies renamed, re-zipped deflated or in big-endian
-order read the same; inconsistent files and values that cannot be written are refused naming
-the file or key."""
+order read the same; views of one buffer are written as one storage; inconsistent or hostile
+files (globals that run code, refused opcodes, tensors lying about their storage) and values that
+cannot be written are refused naming the file or key, and nothing from a file runs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import errno
 import os
 import pathlib
 import re
+import struct
 import zipfile
 from collections import OrderedDict
 
@@ -22,6 +24,8 @@ from hypothesis import strategies as st
 import interop
 import interop._pth
 from interop._dtypes import all_dtypes
+from interop._pickle import Tensor, dump
+from tests.test_pickle import HOSTILE
 
 SEEDS = pathlib.Path(__file__).parent / "data" / "interop_bad" / "seeds"
 DTYPES = [d for d in all_dtypes()]
@@ -241,3 +245,109 @@ def test_an_empty_file_is_named(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(ValueError, match=f"^{path} is not a readable PyTorch checkpoint"):
         interop.read_checkpoint(path)
+
+
+def _with_pickle(tmp_path: pathlib.Path, pickle: bytes) -> pathlib.Path:
+    """A file ``write_checkpoint`` wrote (one float32 storage of 6 elements, ``data/0``) with
+    its ``data.pkl`` replaced."""
+    good = tmp_path / "good.pth"
+    interop.write_checkpoint(good, {"w": np.arange(6, dtype=np.float32)})
+    path = tmp_path / "hostile.pth"
+    _rezip(good, path, "hostile", lambda name, content: pickle if name == "data.pkl" else content)
+    return path
+
+
+def _readers(template=None):
+    template = template or {"params": {"fc": {"bias": np.zeros(6, np.float32)}}}
+    return [interop.read_checkpoint, interop.inspect_checkpoint,
+            lambda p: interop.load_checkpoint(p, template)]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_pickles_in_a_file_are_refused_naming_it(tmp_path, name):
+    data, message = HOSTILE[name]
+    path = _with_pickle(tmp_path, data)
+    for read in _readers():
+        with pytest.raises(ValueError) as e:
+            read(path)
+        assert str(e.value).startswith(str(path)) and message in str(e.value), e.value
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_file_calling_os_system_is_refused_and_nothing_runs(tmp_path, legacy):
+    marker = tmp_path / "ran"
+    command = f"touch {marker}".encode()
+    runs = b"\x80\x02cos\nsystem\nX" + struct.pack("<I", len(command)) + command + b"\x85R."
+    if legacy:  # the legacy format's five pickles, the object pickle the one that runs
+        path = tmp_path / "legacy.pth"
+        head = [dump(x, lambda v, w: None) for x in (0x1950A86A20F9469CFC6C, 1001, {})]
+        path.write_bytes(b"".join(head) + runs + dump([], lambda v, w: None))
+    else:
+        path = _with_pickle(tmp_path, runs)
+    for read in _readers():
+        with pytest.raises(ValueError, match="^" + re.escape(f"{path} needs globals")) as e:
+            read(path)
+        assert "os.system" in str(e.value)
+    assert not marker.exists()
+
+
+def _tensor_pickle(offset: int, shape: tuple[int, ...], strides: tuple[int, ...]) -> bytes:
+    storage = np.empty(6, np.float32)  # what data/0 holds
+    return dump({"w": storage}, lambda value, where: Tensor("0", storage, offset, shape, strides))
+
+
+@pytest.mark.parametrize(
+    ("offset", "shape", "strides", "message"),
+    [
+        (5, (2,), (1,), "needs 7 elements of storage '0', which holds 6 of float32"),
+        (0, (2, 3), (3, 2), "needs 8 elements of storage '0'"),
+        (0, (4, 2), (1, 2**40), "needs 1,099,511,627,780 elements"),
+        (-1, (2,), (1,), "negative numbers, which torch refuses too"),
+        (3, (2,), (-1,), "negative numbers, which torch refuses too"),
+        (0, (-2,), (1,), "negative numbers"),
+        (0, (2, 3), (1,), "do not match"),
+    ],
+)
+def test_tensors_lying_about_their_storage_are_refused(tmp_path, offset, shape, strides, message):
+    path = _with_pickle(tmp_path, _tensor_pickle(offset, shape, strides))
+    for read in _readers():
+        with pytest.raises(ValueError) as e:
+            read(path)
+        assert str(e.value).startswith(f"{path} is not a readable PyTorch checkpoint")
+        assert message in str(e.value)
+
+
+def test_a_tensor_that_fits_its_storage_is_read_as_it_says(tmp_path):
+    path = _with_pickle(tmp_path, _tensor_pickle(1, (2, 2), (1, 3)))
+    got = interop.read_checkpoint(path)["w"]
+    assert _same(got, np.arange(6, dtype=np.float32)[[[1, 4], [2, 5]]])
+    assert got.strides == (4, 12)
+
+
+def test_views_of_one_buffer_are_written_as_one_storage_and_read_back_as_views(tmp_path):
+    path = tmp_path / "views.pth"
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    views = {"base": base, "row": base[2], "t": base.T, "col": base[:, 1]}
+    views |= {"wide": np.broadcast_to(np.arange(3, dtype=np.int64), (1000, 3))}
+    interop.write_checkpoint(path, views)
+    with zipfile.ZipFile(path) as archive:
+        sizes = {i.filename: i.file_size for i in archive.infolist() if "/data/" in i.filename}
+    assert sizes == {"views/data/0": 96, "views/data/1": 24}  # the broadcast: its 3 elements
+    back = interop.read_checkpoint(path)
+    for key, array in views.items():
+        assert _same(back[key], array) and back[key].strides == array.strides, key
+    assert np.shares_memory(back["row"], back["t"])
+    again = tmp_path / "again.pth"
+    interop.write_checkpoint(again, back)
+    assert again.stat().st_size == path.stat().st_size
+
+
+def test_views_far_apart_in_one_buffer_are_written_as_copies(tmp_path):
+    path = tmp_path / "apart.pth"
+    big = np.arange(1_000_000, dtype=np.float32)
+    interop.write_checkpoint(path, {"head": big[:2], "tail": big[-2:], "every": big[::100_000]})
+    with zipfile.ZipFile(path) as archive:
+        sizes = [i.file_size for i in archive.infolist() if "/data/" in i.filename]
+    assert sizes == [8, 8, 40]
+    back = interop.read_checkpoint(path)
+    assert _same(back["tail"], big[-2:]) and _same(back["every"], big[::100_000])

@@ -186,8 +186,8 @@ def test_ema_net_that_is_net_is_converted_once_and_stored_once(tmp_path) -> None
 @pytest.mark.parametrize("suffix", ["pth", "safetensors"])
 def test_leaves_that_are_any_numpy_view_are_written_exactly(tmp_path, suffix) -> None:
     """Kernels go to a ``.pth`` file as PyTorch-layout views of their memory (strided tensors,
-    no transposing copy); views that are not a whole array permuted (reversed, strided,
-    broadcast) are copied first, so every file holds exactly the values."""
+    no transposing copy); views of one buffer share one storage, as torch.save writes views of
+    one tensor; reversed views are copied first; every file holds exactly the values."""
     base = np.arange(24, dtype=np.float32).reshape(4, 6)
     net = {
         "params": {
@@ -207,4 +207,7 @@ def test_leaves_that_are_any_numpy_view_are_written_exactly(tmp_path, suffix) ->
         contiguous = interop.flax_to_torch(net)
         assert all(torch.equal(saved[k], contiguous[k]) for k in contiguous)
         assert saved["head.weight"].stride() == (1, 6)  # the kernel's own memory, transposed
-        assert saved["fc.weight"].is_contiguous() and saved["conv.weight"].is_contiguous()
+        assert saved["fc.weight"].stride() == (2, 6)  # views of head's memory: one storage
+        assert saved["conv.weight"].stride() == (1, 0, 0, 0)  # broadcast, as torch's expand
+        storages = {saved[k].untyped_storage().data_ptr() for k in ("head.weight", "fc.weight")}
+        assert len(storages) == 1 and saved["fc.bias"].is_contiguous()
