@@ -373,7 +373,7 @@ def load_snapshot(
 
     Args:
       directory: a folder :func:`save_snapshot` wrote.
-      step: the snapshot's step.
+      step: the snapshot's step (a positive whole number).
       sigma_rel: one of the widths it holds.
       part: "params" or "batch_stats".
 
@@ -382,8 +382,9 @@ def load_snapshot(
 
     Raises:
       FileNotFoundError: when the folder or the step does not exist.
-      ValueError: for a width the snapshot does not hold (listing those it does), or a bad
-        ``part``.
+      ValueError: for a width the snapshot does not hold (listing those it does), a step
+        that is not a positive whole number, a bad ``part``, or broken metadata (as
+        :func:`list_snapshots`).
 
     Example:
       >>> import tempfile, jax.numpy as jnp, jema
@@ -393,6 +394,7 @@ def load_snapshot(
       >>> load_snapshot(folder, 1, 0.1)["w"].dtype
       dtype(bfloat16)
     """
+    step = _check_positive_int(step, "step")
     (metadata,) = _read_index(directory, [step])
     records = _part_records(metadata, part, directory)
     if _check_sigma_rel(sigma_rel) not in metadata["sigma_rels"]:
@@ -766,7 +768,7 @@ def _sequence(value: Any) -> list[Any]:
 def _check_positive_int(value: Any, name: str) -> int:
     """A step: a positive whole number (ints, exactly; integral floats such as EDM2's float
     step arrays hold; 0-d numpy and jax arrays)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1:
         return int(value)
     number = real_inside(value, 0.0, math.inf)
     if number is None or number < 1 or number != int(number):

@@ -457,6 +457,12 @@ def test_reconstruct_refuses_bad_folders_steps_and_arguments(tmp_path, one_step_
         posthoc.load_snapshot(tmp_path, 8, 0.07)
     with pytest.raises(ValueError, match="hold no batch statistics"):
         posthoc.load_snapshot(tmp_path, 8, 0.05, part="batch_stats")
+    with pytest.raises(ValueError, match="step must hold positive ints .*; got '8'"):
+        posthoc.load_snapshot(tmp_path, "8", 0.05)
+    np.testing.assert_array_equal(
+        posthoc.load_snapshot(tmp_path, np.float64(8.0), 0.05)["w"],
+        posthoc.load_snapshot(tmp_path, 8, 0.05)["w"],
+    )
 
 
 def test_snapshots_of_different_trees_are_refused(tmp_path, one_step_state):
@@ -646,7 +652,7 @@ leaf_records = st.lists(
         }
     ),
     max_size=4,
-    unique_by=lambda record: tuple(record["path"]),
+    unique_by=lambda record: str(record["path"]),
 )
 valid_metadata = st.fixed_dictionaries(
     {
