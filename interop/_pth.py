@@ -370,17 +370,20 @@ def _span(array: np.ndarray) -> _Span | None:
     if array.size == 0 or any(s < 0 or s % itemsize for s in array.strides):
         return None
     owner: Any = array
+    top = array  # the last ndarray on the way, for an owner without a buffer (a tensor)
     while getattr(owner, "base", None) is not None:  # ndarrays, as_strided's DummyArray
         owner = owner.base
-    try:
-        if isinstance(owner, np.ndarray):
-            if not (owner.flags.c_contiguous or owner.flags.f_contiguous):
-                return None
-            raw = owner.ravel(order="K").view(np.uint8)
-        else:
+        top = owner if isinstance(owner, np.ndarray) else top
+    raw = None
+    if not isinstance(owner, np.ndarray):
+        try:
             raw = np.frombuffer(owner, np.uint8)
-    except (TypeError, ValueError, BufferError):
-        return None
+        except (TypeError, ValueError, BufferError):
+            owner = top
+    if raw is None:
+        if not (top.flags.c_contiguous or top.flags.f_contiguous):
+            return None
+        owner, raw = top, top.ravel(order="K").view(np.uint8)
     start = array.ctypes.data - raw.ctypes.data
     end = (
         start + itemsize + sum(s * (n - 1) for s, n in zip(array.strides, array.shape, strict=True))
