@@ -243,3 +243,30 @@ def test_what_torch_save_writes_reads_bit_exact(tmp_path_factory, sd, legacy):
     new = any(storage_name(a.dtype) is None for a in sd.values())  # legacy: classic dtypes only
     torch.save(state_dict, path, _use_new_zipfile_serialization=not legacy or new)
     _check(path)
+
+
+@st.composite
+def views_of_one_buffer(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    base = _array(draw, dtype).reshape(-1)
+    base = np.resize(base, 24) if base.size else np.zeros(24, dtype)
+    grid = base.reshape(4, 6)
+    views = {"base": grid}
+    for i in range(draw(st.integers(1, 4))):
+        start, stop = draw(st.integers(0, 3)), draw(st.integers(1, 4))
+        step = draw(st.sampled_from([1, 2, -1]))
+        view = grid[start : start + stop, ::step]
+        view = draw(st.sampled_from([view, view.T, np.broadcast_to(view[:1], (3, view.shape[1]))]))
+        views[f"v{i}"] = view
+    return views
+
+
+@given(views_of_one_buffer(), st.booleans())
+def test_views_of_one_buffer_are_written_as_torch_loads_them(tmp_path_factory, views, mmap):
+    path = tmp_path_factory.mktemp("v") / "views.pth"
+    interop.write_checkpoint(path, views)
+    loaded = torch.load(path, weights_only=True, mmap=mmap)
+    back = interop.read_checkpoint(path)
+    for key, array in views.items():
+        assert _bits(loaded[key]) == _bits(array) and _bits(back[key]) == _bits(array), key
+        assert tuple(loaded[key].shape) == array.shape == back[key].shape, key
