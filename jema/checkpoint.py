@@ -120,7 +120,9 @@ def export_pth(
 ) -> None:
     """Write ``net`` and ``ema_net`` in SuperGradients' layout through ``interop.save_checkpoint``.
 
-    Needs PyTorch and ``interop`` (imported here, never by ``import jema``).
+    Needs ``interop`` (imported here, never by ``import jema``); PyTorch only for an
+    ``nn.Module`` as ``torch_template`` (a state_dict or a ``.pth``/``.safetensors`` file needs
+    none).
 
     Args:
       path: the ``.pth`` (or ``.safetensors``) file to write.

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import errno
-import io
 import os
-import pickle
 import resource
 import signal
 import stat
@@ -241,27 +238,15 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, models) -> None:
 
 
 @pytest.mark.parametrize("zipped", [True, False])
-def test_numpy_scalars_name_the_globals_and_how_to_allow_them(tmp_path, models, zipped) -> None:
+def test_numpy_scalars_are_read_as_data(tmp_path, models, zipped) -> None:
+    """SG's ``acc`` is often a numpy scalar: decoded by our own code, nothing imported."""
     path = tmp_path / "np.pth"
-    ckpt = {"net": models[0].state_dict(), "acc": np.float32(0.5)}
+    ckpt = {"net": models[0].state_dict(), "acc": np.float32(0.5), "epoch": np.int64(3)}
     torch.save(ckpt, path, _use_new_zipfile_serialization=zipped)
-    with pytest.raises(ValueError, match=r"numpy\._core\.multiarray\.scalar.*safe_globals") as e:
-        interop.load_checkpoint(path, MLP_T)
-    assert isinstance(e.value.__cause__, pickle.UnpicklingError)
-    assert ("numpy.dtype" in str(e.value)) == zipped  # legacy files name the first one only
-    allowed = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float32DType]
-    with torch.serialization.safe_globals(allowed):
-        _same(interop.load_checkpoint(path, MLP_T), models[0].state_dict(), models[0])
-
-
-def test_zip_files_are_memory_mapped(tmp_path, models, monkeypatch) -> None:
-    path = tmp_path / "ckpt.pth"
-    torch.save({"net": models[0].state_dict()}, path)
-    seen = []
-    load = torch.load
-    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k) or load(*a, **k))
-    interop.load_checkpoint(path, MLP_T)
-    assert seen == [{"map_location": "cpu", "weights_only": True, "mmap": True}]
+    read = interop.read_checkpoint(path)
+    assert type(read["acc"]) is np.float32 and read["acc"] == np.float32(0.5)
+    assert type(read["epoch"]) is np.int64 and read["epoch"] == 3
+    _same(interop.load_checkpoint(path, MLP_T), models[0].state_dict(), models[0])
 
 
 def _write(path, content: bytes) -> None:
@@ -320,28 +305,6 @@ def test_safetensors_save_and_load(tmp_path, models) -> None:
     _same(interop.load_checkpoint(bare, MLP_T), net.state_dict(), net)
     with pytest.raises(TypeError, match="JSON"):
         interop.save_checkpoint(path, net=net_vars, opt=object())
-
-
-def test_a_full_disk_names_the_path_and_leaves_the_old_file(tmp_path, models, monkeypatch) -> None:
-    path = tmp_path / "ckpt.pth"
-    net_vars = interop.torch_to_flax(models[0].state_dict(), MLP_T)
-    interop.save_checkpoint(path, net=net_vars, epoch=1)
-    before = path.read_bytes()
-    save = torch.save
-
-    def half_then_fail(obj, f):
-        if isinstance(f, io.BytesIO):  # the check that entries load back, in memory
-            return save(obj, f)
-        _write(f, b"PK\x03\x04half")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f)
-
-    monkeypatch.setattr(torch, "save", half_then_fail)
-    with pytest.raises(OSError) as e:
-        interop.save_checkpoint(path, net=net_vars, epoch=2)
-    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
-    assert str(e.value) == f"[Errno {errno.ENOSPC}] No space left on device: '{path}'"
-    assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["ckpt.pth"]
 
 
 def _mode(path) -> int:

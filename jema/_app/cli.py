@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--step", type=positive_int, help="rebuild at this step (default: the latest snapshot)"
     )
     posthoc.add_argument(
-        "--out", help="the file to write: .safetensors, or .pth in SG's layout (needs torch)"
+        "--out", help="the file to write: .safetensors, or .pth in SG's layout (no torch needed)"
     )
     posthoc.add_argument(
         "--torch-template", help="a .pth/.pt/.safetensors state_dict whose names to follow"
@@ -165,9 +165,6 @@ def _posthoc(args: argparse.Namespace) -> int:
                 torch_template=args.torch_template,
                 progress=not args.no_progress,
             )
-    except ImportError as e:
-        print(f"jema posthoc: writing {args.out} needs PyTorch ({e})", file=sys.stderr)
-        return 1
     except (OSError, ValueError, TypeError) as e:
         print(f"jema posthoc: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 1

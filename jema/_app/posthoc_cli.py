@@ -57,7 +57,7 @@ def export(
     Args:
       directory: a snapshot folder.
       width: the σ_rel to rebuild.
-      out: the file to write: ``.safetensors``, else a ``torch.save`` file (needs PyTorch).
+      out: the file to write: ``.safetensors``, else a ``torch.save`` file (no PyTorch needed).
       step: the step to rebuild at, a snapshot's; None for the latest snapshot.
       torch_template: a ``.pth``/``.pt``/``.safetensors`` file whose state_dict (its
         ``ema_net``, else ``net``, else the bare dict) gives the names, order and buffers.
@@ -69,7 +69,6 @@ def export(
     Raises:
       FileNotFoundError: when the folder or the template does not exist.
       ValueError: as :func:`jema.posthoc.reconstruct`, or mismatches against the template.
-      ImportError: for a ``.pth`` output or template without PyTorch.
       OSError: when ``out`` cannot be written.
 
     Example:
