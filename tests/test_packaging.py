@@ -29,12 +29,16 @@ for name in ("kernel", "bias"):
     got, want = np.asarray(back["params"]["fc"][name]), net["params"]["fc"][name]
     assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), name
 assert "ema_net" in interop.inspect_checkpoint("ckpt.safetensors")
+interop.save_checkpoint("ckpt.pth", net=net, epoch=3)  # .pth with numpy alone
+read = interop.read_checkpoint("ckpt.pth")
+assert read["epoch"] == 3 and read["net"]["fc.weight"].tobytes() == net["params"]["fc"][
+    "kernel"].T.tobytes()
 try:
-    interop.save_checkpoint("ckpt.pth", net=net)
+    interop.flax_to_torch(net)
 except ImportError as e:
     assert 'pip install "jema[torch]"' in str(e), e
 else:
-    raise AssertionError("a .pth save without torch did not ask for jema[torch]")
+    raise AssertionError("flax_to_torch without torch did not ask for jema[torch]")
 assert "torch" not in sys.modules
 version = subprocess.run([os.path.join(os.path.dirname(sys.executable), "jema"), "--version"],
                          capture_output=True, text=True, check=True).stdout
