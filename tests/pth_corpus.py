@@ -537,14 +537,8 @@ class Persistent(NamedTuple):
     pid: tuple
 
 
-class Raw(NamedTuple):
-    """Opcodes written as they are."""
-
-    opcodes: bytes
-
-
 class _Crafter(pickle._Pickler):  # type: ignore[name-defined,misc]
-    """The pure-Python pickler, writing ``Global``/``Call``/``Build``/``Raw`` as opcodes."""
+    """The pure-Python pickler, writing ``Global``/``Call``/``Build`` as opcodes."""
 
     def persistent_id(self, obj: Any) -> Any:
         return obj.pid if isinstance(obj, Persistent) else None
@@ -560,15 +554,13 @@ class _Crafter(pickle._Pickler):  # type: ignore[name-defined,misc]
             self.save(obj.obj)
             self.save(obj.state)
             self.write(pickle.BUILD)
-        elif isinstance(obj, Raw):
-            self.write(obj.opcodes)
         else:
             super().save(obj, save_persistent_id)
 
 
 def craft_pickle(obj: Any) -> bytes:
-    """``obj`` pickled with protocol 2, ``Global``/``Call``/``Build``/``Persistent``/``Raw``
-    written as their opcodes (bytes as ``_codecs.encode``, as torch writes them)."""
+    """``obj`` pickled with protocol 2, ``Global``/``Call``/``Build``/``Persistent`` written as
+    their opcodes (bytes as ``_codecs.encode``, as torch writes them)."""
     import io
 
     buffer = io.BytesIO()
@@ -587,11 +579,14 @@ def tensor_call(
     size: tuple[int, ...],
     stride: tuple[int, ...],
     offset: int = 0,
+    legacy: bool = False,
 ) -> Call:
     """The ``_rebuild_tensor_v2``/``_v3`` call torch writes for a tensor of storage ``key``
-    holding ``numel`` elements of ``dtype`` (a torch name)."""
+    holding ``numel`` elements of ``dtype`` (a torch name); ``legacy``: as the legacy format
+    writes it (a sixth field, the view metadata)."""
     if dtype in STORAGES:
-        pid = ("storage", Global("torch", STORAGES[dtype]), key, "cpu", numel)
+        pid: tuple = ("storage", Global("torch", STORAGES[dtype]), key, "cpu", numel)
+        pid += (None,) * legacy
         args: tuple = (Persistent(pid), offset, size, stride, False, ordered_dict())
         return Call(Global("torch._utils", "_rebuild_tensor_v2"), args)
     nbytes = numel * DTYPES[dtype].itemsize
@@ -619,6 +614,32 @@ def crafted_pth(
         records[f"{folder}/data/{key}"] = data
     records[f"{folder}/version"] = b"3\n"
     write_zip(path, records)
+    return pathlib.Path(path)
+
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_SYS_INFO = {
+    "protocol_version": 1001,
+    "little_endian": True,
+    "type_sizes": {"short": 2, "int": 4, "long": 4},
+}
+
+
+def crafted_legacy(
+    path: str | os.PathLike[str],
+    obj: Any,
+    storages: dict[str, tuple[int, bytes]],
+    head: tuple[Any, Any, Any] = (LEGACY_MAGIC, 1001, LEGACY_SYS_INFO),
+    keys: Any = None,
+) -> pathlib.Path:
+    """A legacy-format file: the ``head`` pickles (magic number, protocol, sys_info), ``obj``,
+    the storage keys (``keys``, else sorted ``storages``), then each storage as an int64
+    element count and its bytes."""
+    parts = [craft_pickle(x) for x in (*head, obj, sorted(storages) if keys is None else keys)]
+    for key in sorted(storages):
+        numel, data = storages[key]
+        parts.append(struct.pack("<q", numel) + data)
+    pathlib.Path(path).write_bytes(b"".join(parts))
     return pathlib.Path(path)
 
 
