@@ -601,15 +601,17 @@ def crafted_pth(
     storages: dict[str, bytes] | None = None,
     folder: str = "archive",
     pickled: bytes | None = None,
+    byteorder: bytes | None = b"little",
 ) -> pathlib.Path:
     """A zip laid out as torch.save lays it out, holding ``obj`` (or the pickle ``pickled``)
-    and the storages ``key -> bytes``."""
+    and the storages ``key -> bytes`` (``byteorder`` None: no such record)."""
     records = {
         f"{folder}/data.pkl": craft_pickle(obj) if pickled is None else pickled,
         f"{folder}/.format_version": b"1",
         f"{folder}/.storage_alignment": b"64",
-        f"{folder}/byteorder": b"little",
     }
+    if byteorder is not None:
+        records[f"{folder}/byteorder"] = byteorder
     for key, data in (storages or {}).items():
         records[f"{folder}/data/{key}"] = data
     records[f"{folder}/version"] = b"3\n"

@@ -262,6 +262,10 @@ BROKEN: dict[str, Callable[[pathlib.Path], pathlib.Path]] = {
     ),
     "a zip with no data.pkl": lambda t: _without_pickle(t),
     "a deflated entry claiming 4 GB": lambda t: _deflated_claiming(t, 2**32 - 2),
+    "an unknown byteorder": lambda t: crafted_pth(
+        t / "hostile.pth", {"w": _w()}, {"0": W.tobytes()}, byteorder=b"middle"
+    ),
+    "two folders with a data.pkl": lambda t: _two_folders(t),
     "a folder": lambda t: _folder(t),
     "an empty file": lambda t: _write(t, b""),
     "random bytes": lambda t: _write(t, np.random.default_rng(0).bytes(4096)),
@@ -289,6 +293,13 @@ def _write(t: pathlib.Path, data: bytes) -> pathlib.Path:
 def _folder(t: pathlib.Path) -> pathlib.Path:
     (t / "hostile.pth").mkdir()
     return t / "hostile.pth"
+
+
+def _two_folders(t: pathlib.Path) -> pathlib.Path:
+    path = t / "hostile.pth"
+    records = {f"{f}/data.pkl": craft_pickle({"w": i}) for i, f in enumerate(("a", "b"))}
+    pth_corpus.write_zip(path, records)
+    return path
 
 
 def _without_pickle(t: pathlib.Path) -> pathlib.Path:
@@ -332,6 +343,16 @@ def test_the_honest_twin_reads(tmp_path) -> None:
         {"0": (6, W.tobytes())},
     )
     pth_corpus.assert_same(interop.read_checkpoint(legacy), {"w": W})
+
+
+def test_a_file_without_a_byteorder_record_is_little_endian(tmp_path) -> None:
+    path = crafted_pth(tmp_path / "old.pth", {"w": _w()}, {"0": W.tobytes()}, byteorder=None)
+    pth_corpus.assert_same(interop.read_checkpoint(path), {"w": W.reshape(2, 3)})
+
+
+def test_a_file_in_another_folder_reads(tmp_path) -> None:
+    path = crafted_pth(tmp_path / "a.pth", {"w": _w()}, {"0": W.tobytes()}, folder="ckpt_best")
+    pth_corpus.assert_same(interop.read_checkpoint(path), {"w": W.reshape(2, 3)})
 
 
 def test_one_storage_under_two_dtypes_reads_as_torch_reads_it(tmp_path) -> None:

@@ -126,6 +126,18 @@ def test_big_endian_files_read_as_torch_reads_them(torch, corpus) -> None:
         assert array.dtype == DTYPES[name] and array.dtype.isnative, name
 
 
+def test_conjugate_and_negative_views_read_as_their_values(torch, tmp_path) -> None:
+    """torch keeps a lazy conj/neg bit (tensor metadata); numpy has none: the values."""
+    z = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    x = torch.tensor([1.0, -2.0, 0.0])
+    path = tmp_path / "lazy.pth"
+    torch.save({"z": z, "conj": z.conj(), "neg": torch._neg_view(x)}, path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["conj"].is_conj() and loaded["neg"].is_neg()
+    want = {k: v.resolve_conj().resolve_neg().numpy() for k, v in loaded.items()}
+    assert_same(interop.read_checkpoint(path), want, strides=False)
+
+
 @pytest.mark.parametrize("name", NEW_DTYPES)
 def test_big_endian_new_dtypes_wider_than_a_byte_are_refused(torch, tmp_path, name) -> None:
     """uint16/32/64 and float8 in a big-endian file: torch 2.13 swaps them per byte (their

@@ -71,6 +71,7 @@ def rich() -> dict:
         "tuple": (1, "two", (3.5,)),
         "set": {1, 2, 3},
         "bytes": b"\x00\xffab",
+        "bytearray": bytearray(b"cd"),
         "no_bytes": b"",
         "complex": complex(1.0, -2.5),
         "nan": float("nan"),
@@ -203,6 +204,10 @@ def test_a_rich_checkpoint_round_trips(tmp_path) -> None:
     assert got["every_dtype"]["bfloat16"].dtype == ml_dtypes.bfloat16
 
 
+class Version(str):
+    """A str subclass (as ``torch.__version__`` is): torch.load would refuse its class."""
+
+
 @pytest.mark.parametrize(
     ("checkpoint", "key"),
     [
@@ -212,6 +217,11 @@ def test_a_rich_checkpoint_round_trips(tmp_path) -> None:
         ({"w": np.array(["a", "b"])}, "w"),
         ({"w": np.array([None], dtype=object)}, "w"),
         ({"when": np.array(["2020-01-01"], dtype="datetime64[D]")}, "when"),
+        ({"w": np.arange(3, dtype=">f4")}, "w"),  # would read back byte-swapped
+        ({"acc": np.float32(0.5)}, "acc"),  # torch.load(weights_only=True) refuses these
+        ({"f": frozenset({1})}, "f"),
+        ({"s": slice(1, 2)}, "s"),
+        ({"v": Version("2.13")}, "v"),
     ],
 )
 def test_a_value_it_cannot_represent_is_a_type_error_naming_its_key(
@@ -220,6 +230,22 @@ def test_a_value_it_cannot_represent_is_a_type_error_naming_its_key(
     with pytest.raises(TypeError, match=repr(key)):
         interop.write_checkpoint(tmp_path / "ckpt.pth", checkpoint)
     assert list(tmp_path.iterdir()) == []
+    old = tmp_path / "old.pth"
+    old.write_bytes(b"old")
+    with pytest.raises(TypeError, match=repr(key)):
+        interop.write_checkpoint(old, checkpoint)
+    assert [p.name for p in tmp_path.iterdir()] == ["old.pth"] and old.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_more_than_256_entries_load_in_torch(torch, tmp_path, mmap) -> None:
+    """Past 256 memo entries the pickle needs LONG_BINPUT/LONG_BINGET."""
+    rng = np.random.default_rng(8)
+    checkpoint = {f"layer{i}.weight": random_array(rng, np.float32, (2,)) for i in range(300)}
+    path = tmp_path / "many.pth"
+    interop.write_checkpoint(path, checkpoint)
+    assert_same(from_torch(torch.load(path, weights_only=True, mmap=mmap)), checkpoint)
+    assert_same(interop.read_checkpoint(path), checkpoint)
 
 
 def test_a_failing_write_leaves_nothing(tmp_path) -> None:
