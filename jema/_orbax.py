@@ -8,7 +8,7 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeAlias
 
 import jax
@@ -58,7 +58,12 @@ def open_manager(
     return ocp.CheckpointManager(path, options=options, item_handlers=item_handlers)
 
 
-def check_new_step(manager: ocp.CheckpointManager, step: int, noun: str = "checkpoint") -> None:
+def check_new_step(
+    manager: ocp.CheckpointManager,
+    step: int,
+    noun: str = "checkpoint",
+    saved: Sequence[int] | None = None,
+) -> None:
     """Refuse a step already saved in ``manager``'s folder, or below a saved one; then clear
     the temporary folders earlier saves left (killed, or failed inside orbax).
 
@@ -70,6 +75,8 @@ def check_new_step(manager: ocp.CheckpointManager, step: int, noun: str = "check
       manager: the folder's manager.
       step: the step about to be saved.
       noun: what is saved, for the message ("checkpoint", "snapshot").
+      saved: the steps the folder holds; None for every step orbax lists (posthoc passes
+        only the folders that hold a snapshot).
 
     Raises:
       ValueError: naming the step, the folder and the remedy.
@@ -79,7 +86,7 @@ def check_new_step(manager: ocp.CheckpointManager, step: int, noun: str = "check
       >>> with open_manager(tempfile.mkdtemp()) as manager:
       ...     check_new_step(manager, 1)
     """
-    saved = sorted(manager.all_steps())
+    saved = sorted(manager.all_steps() if saved is None else saved)
     if step in saved:
         raise ValueError(
             f"{noun} step {step} already exists in {manager.directory}; orbax would "

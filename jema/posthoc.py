@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jema._checks import is_floating
-from jema._orbax import check_savable, open_manager, remove_stale_temps, save_lock
+from jema._orbax import check_new_step, check_savable, open_manager, save_lock
 from jema._power import _check_sigma_rel, sigma_rel_to_gamma, width_key
 from jema._schedules import real_inside
 from jema._state import PowerEmaState, find_ema_state, tracked_sigma_rels
@@ -140,7 +140,7 @@ def save_snapshot(
             items[item] = ocp.args.PyTreeSave(_stored(trees[width_key(width)], storage, item))
     items[METADATA] = ocp.args.JsonSave(metadata)
     with open_manager(path, None) as manager, save_lock(os.fspath(manager.directory)):
-        _check_new_step(os.fspath(manager.directory), step)
+        _check_new_step(manager, step)
         manager.save(step, args=ocp.args.Composite(**items), force=True)
     return _record(metadata)
 
@@ -459,29 +459,17 @@ def _is_snapshot_item(name: str) -> bool:
     return name == METADATA or name.startswith(tuple(f"{part}-" for part in PARTS))
 
 
-def _check_new_step(path: str, step: int) -> None:
-    """Refuse a step saved in ``path``, below a saved one, or whose folder name another kind
-    of folder holds; then clear the temporary folders killed saves left (under the lock)."""
-    saved = _snapshot_steps(path)
-    if step in saved:
-        raise ValueError(
-            f"snapshot step {step} already exists in {path}; orbax would skip it silently. "
-            "Save under a new step, or delete that step first."
-        )
-    later = [s for s in saved if s > step]
-    if later:
-        raise ValueError(
-            f"snapshot step {step} is below saved steps {later} in {path}: steps only go "
-            "forward in a folder. When training on from an earlier checkpoint, delete those "
-            "steps or save into a new folder."
-        )
+def _check_new_step(manager: ocp.CheckpointManager, step: int) -> None:
+    """Refuse a step saved in the folder or below a saved one (:func:`check_new_step`, counting
+    only the folders that hold a snapshot), or whose folder name another kind of folder
+    holds."""
+    path = os.fspath(manager.directory)
+    check_new_step(manager, step, "snapshot", saved=_snapshot_steps(path))
     if os.path.lexists(os.path.join(path, str(step))):
         raise ValueError(
             f"{os.path.join(path, str(step))!r} is in the way of snapshot step {step}: it holds "
             "no jema snapshot; move it out of the snapshot folder"
         )
-    if jax.process_index() == 0:
-        remove_stale_temps(path)
 
 
 def _read_metadata(manager: ocp.CheckpointManager, path: str, step: int) -> dict[str, Any]:
