@@ -385,7 +385,7 @@ def decay_weights_fn(
 def check_every_k_steps(every_k_steps: Any) -> int | jax.Array:
     """``every_k_steps`` as a Python int, or as is when traced (``optax.inject_hyperparams``
     under ``jit`` injects it; the update then turns the EMA into NaN on a step where it is
-    below 1, since it cannot raise there: see ``poison_if_bad_k``).
+    below 1, since nothing can raise there).
 
     Args:
       every_k_steps: a positive int, an integer scalar array, or a tracer.

@@ -228,6 +228,13 @@ def _averaging(
             check_same_structure(attached, batch_stats, "batch_stats", ATTACH_HINT)
         count = optax.safe_increment(state.count)
         weights = weights_at(count)
+        # k injected at run time (traced): below 1 it would freeze or corrupt the EMA, and
+        # nothing can raise under jit, so the step averages with NaN weights instead
+        bad_k = None if isinstance(k, int) else k < 1
+        if bad_k is not None:
+            weights = [
+                (jnp.where(bad_k, jnp.nan, d), jnp.where(bad_k, jnp.nan, m)) for d, m in weights
+            ]
 
         def average(_: None) -> tuple[list[Any], list[Any] | None]:
             here = jax.memory.Space.Device if space is not None else None
@@ -247,13 +254,9 @@ def _averaging(
                     finite = jnp.logical_and(finite, valid_weights(pair))
                 due = jnp.logical_and(due, finite)
                 count = jnp.where(finite, count, state.count)
+            if bad_k is not None:
+                due = jnp.logical_or(due, bad_k)
             new_emas, new_stats = jax.lax.cond(due, average, lambda _: (emas, stats), None)
-            if not isinstance(k, int):  # injected at run time: a bad k must not pass silently
-                bad = k < 1
-                new_emas, new_stats = jax.tree.map(
-                    lambda x: jnp.where(bad, jnp.nan, x) if is_floating(x.dtype) else x,
-                    (new_emas, new_stats),
-                )
         return updates, pack(count, new_emas, new_stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -76,13 +76,18 @@ def test_every_k_steps_under_inject_hyperparams(static_args):
     np.testing.assert_array_equal(jema.ema_params(state), jema.ema_params(plain))
 
 
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
 @pytest.mark.parametrize("k", [0, -3])
 @pytest.mark.parametrize("factory", [jema.ema_transform, jema.power_ema])
-def test_a_bad_every_k_steps_injected_at_run_time_turns_the_ema_into_nan(k, factory):
+def test_a_bad_every_k_steps_injected_at_run_time_turns_the_ema_into_nan(
+    k, factory, skip_nonfinite
+):
     """Under jit nothing can raise; k = 0 would freeze the EMA and k = -3 corrupt it (an EMA
     of -20 from weights 2..6), so the EMA becomes NaN instead: never a plausible wrong value."""
     first = {"decay": 0.5} if factory is jema.ema_transform else {"sigma_rels": (0.1, 0.2)}
-    tx = optax.inject_hyperparams(factory)(**first, every_k_steps=2)
+    tx = optax.inject_hyperparams(factory, static_args="skip_nonfinite")(
+        **first, every_k_steps=2, skip_nonfinite=skip_nonfinite
+    )
     state = tx.init(jnp.zeros(2))
     state.hyperparams["every_k_steps"] = jnp.asarray(k)
     update = jax.jit(tx.update)
