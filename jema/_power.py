@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jema._schedules import real_inside
+from jema._checks import check_number
 
 SIGMA_REL_MAX = 1 / math.sqrt(12)  # γ = 0: the uniform average of all steps so far
 # γ ≈ 1/σ_rel must stay a float32 number (≤ 3.4e38): the EMA update computes (γ + 1)·log1p(-k/t)
@@ -72,11 +72,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
       >>> round(gamma_to_sigma_rel(6.937203937601809), 12)
       0.1
     """
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float, np.floating, np.integer)):
-        raise ValueError(f"gamma must be a positive finite number; got {gamma!r}")
-    g = float(gamma)
-    if not 0.0 < g < math.inf:
-        raise ValueError(f"gamma must be a positive finite number; got {gamma!r}")
+    g = check_number(gamma, "gamma", "be a positive finite number", low=0.0)
     return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
 
 
@@ -126,10 +122,12 @@ def power_weights(
 
 
 def _check_sigma_rel(sigma_rel: Any) -> float:
-    s = real_inside(sigma_rel, 0.0, SIGMA_REL_MAX)
-    if s is None or s < SIGMA_REL_MIN:
-        raise ValueError(
-            f"sigma_rel must be a number in [{SIGMA_REL_MIN:g}, {SIGMA_REL_MAX:.4f}) (1/sqrt(12), "
-            f"the uniform average); got {sigma_rel!r}"
-        )
-    return s
+    return check_number(
+        sigma_rel,
+        "sigma_rel",
+        f"be a number in [{SIGMA_REL_MIN:g}, {SIGMA_REL_MAX:.4f}) (1/sqrt(12), the uniform "
+        "average)",
+        low=SIGMA_REL_MIN,
+        high=SIGMA_REL_MAX,
+        closed="low",
+    )

@@ -9,8 +9,6 @@ it averages every k steps.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jema._checks import is_floating
+from jema._checks import check_number, is_floating, is_traced, real_inside
 
 ArrayLike = jax.typing.ArrayLike
 Weights = tuple[jax.Array, jax.Array]
@@ -232,10 +230,7 @@ class ExpDecay(_BuiltIn):
 
     def __init__(self, beta: float = 15.0) -> None:
         super().__init__()
-        value = real_inside(beta, 0.0, math.inf)
-        if value is None:
-            raise ValueError(f"beta must be a positive finite number; got {beta!r}")
-        self.beta = value
+        self.beta = check_number(beta, "beta", "be a positive finite number", low=0.0)
 
     def _weights(self, decay, step, total_steps):
         return _exp_weights(decay, step, total_steps, self.beta)
@@ -272,29 +267,20 @@ class WarmupDecay(_BuiltIn):
         update_after_step: int = 0,
     ) -> None:
         super().__init__()
-        given = {"inv_gamma": inv_gamma, "power": power, "min_decay": min_decay}
-        for name, value in given.items():
-            low = -math.inf if name == "min_decay" else 0.0
-            high = 1.0 if name == "min_decay" else math.inf
-            real = real_inside(value, low, high)
-            if real is None or real < 0:
-                allowed = "a number in [0, 1)" if name == "min_decay" else "a positive number"
-                raise ValueError(f"{name} must be {allowed}; got {value!r}")
-        integral = isinstance(update_after_step, numbers.Integral)
-        if (
-            isinstance(update_after_step, bool)
-            or not integral
-            or not 0 <= update_after_step < STEP_LIMIT
-        ):
-            raise ValueError(
-                f"update_after_step must be a non-negative int; got {update_after_step!r}"
-            )
-        self.inv_gamma, self.power, self.min_decay = (
-            float(inv_gamma),
-            float(power),
-            float(min_decay),
+        self.inv_gamma = check_number(inv_gamma, "inv_gamma", "be a positive number", low=0.0)
+        self.power = check_number(power, "power", "be a positive number", low=0.0)
+        self.min_decay = check_number(
+            min_decay, "min_decay", "be a number in [0, 1)", low=0.0, high=1.0, closed="low"
         )
-        self.update_after_step = int(update_after_step)
+        self.update_after_step = check_number(
+            update_after_step,
+            "update_after_step",
+            "be a non-negative int",
+            low=0,
+            high=STEP_LIMIT,
+            closed="low",
+            kind="int",
+        )
 
     def _weights(self, decay, step, total_steps):
         return _warmup_weights(
@@ -402,58 +388,15 @@ def check_every_k_steps(every_k_steps: Any) -> int | jax.Array:
     """
     if is_traced(every_k_steps):
         return every_k_steps
-    value = real_inside(every_k_steps, 0.0, math.inf)
-    integral = isinstance(every_k_steps, numbers.Integral) or jnp.issubdtype(
-        getattr(every_k_steps, "dtype", float), jnp.integer
+    return check_number(
+        every_k_steps,
+        "every_k_steps",
+        f"be a positive int at most {STEP_LIMIT} (the int32 step counter)",
+        low=0,
+        high=STEP_LIMIT,
+        closed="high",
+        kind="int",
     )
-    if value is None or not integral or value > STEP_LIMIT:
-        raise ValueError(
-            f"every_k_steps must be a positive int at most {STEP_LIMIT} (the int32 step "
-            f"counter); got {every_k_steps!r}"
-        )
-    return int(value)
-
-
-def is_traced(x: Any) -> bool:
-    """Whether ``x`` is a JAX tracer (a value known only when the function runs).
-
-    Args:
-      x: any value.
-
-    Returns:
-      True for a tracer.
-
-    Example:
-      >>> is_traced(1.0)
-      False
-    """
-    return isinstance(x, jax.core.Tracer)
-
-
-def real_inside(x: Any, low: float, high: float) -> float | None:
-    """``x`` as a float when it is a real number (or real scalar array) in ``(low, high)``.
-
-    Args:
-      x: any value; bools are not numbers here.
-      low: the open interval's lower end.
-      high: the open interval's upper end.
-
-    Returns:
-      The float, or None when ``x`` is not a real number or lies outside.
-
-    Example:
-      >>> real_inside(0.5, 0, 1), real_inside(1, 0, 1), real_inside("0.5", 0, 1)
-      (0.5, None, None)
-    """
-    if isinstance(x, bool) or not isinstance(x, (numbers.Real, np.ndarray, np.generic, jax.Array)):
-        return None
-    if getattr(x, "ndim", 0) != 0:
-        return None
-    dtype = np.asarray(x).dtype
-    if not (jnp.issubdtype(dtype, jnp.integer) or is_floating(dtype)):
-        return None
-    value = float(x)
-    return value if low < value < high else None
 
 
 def _build_schedule(decay_type: str, options: dict[str, Any]) -> IDecayFunction:
@@ -563,15 +506,13 @@ def _low_precision_hint(x: Any) -> str:
 def _check_total_steps(total_steps: Any) -> None:
     if total_steps is None or is_traced(total_steps):
         return
-    value = real_inside(total_steps, 0.0, math.inf)
-    if value is None:
-        raise ValueError(
-            f"total_steps must be a positive number of optimizer steps; got {total_steps!r}"
-        )
-    if value != int(value):
-        raise ValueError(f"total_steps must be a whole number of steps; got {total_steps!r}")
-    if value > STEP_LIMIT:
-        raise ValueError(
-            f"total_steps must be at most {STEP_LIMIT}, the last step the int32 step counter "
-            f"reaches; got {total_steps!r}"
-        )
+    check_number(
+        total_steps,
+        "total_steps",
+        f"be a positive whole number of optimizer steps, at most {STEP_LIMIT} (the last step "
+        "the int32 step counter reaches)",
+        low=0,
+        high=STEP_LIMIT,
+        closed="high",
+        kind="whole",
+    )

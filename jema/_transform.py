@@ -8,10 +8,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from jema._checks import is_floating
+from jema._checks import check_floating_dtype
 from jema._power import power_weights, sigma_rel_to_gamma, width_key
 from jema._schedules import Weights, check_every_k_steps, decay_weights_fn, valid_weights
 from jema._state import EmaState, PowerEmaState, WeightEmaState
@@ -80,10 +79,9 @@ def ema_transform(
     Raises:
       ValueError: a decay outside (0, 1), an unknown decay_type, a missing or
         non-positive total_steps where the schedule needs it, a bad schedule option,
-        every_k_steps not a positive int.
-      TypeError: a schedule that cannot be traced by JAX, a non-floating ema_dtype,
-        a non-bool skip_nonfinite.
-      ValueError: an ema_memory_kind the devices do not have (the message lists theirs).
+        every_k_steps not a positive int, a non-floating ema_dtype, an ema_memory_kind the
+        devices do not have (the message lists theirs).
+      TypeError: a schedule that cannot be traced by JAX, a non-bool skip_nonfinite.
 
     Example:
       >>> import jax.numpy as jnp, optax, jema
@@ -139,9 +137,9 @@ def power_ema(
       An ``optax.GradientTransformationExtraArgs`` whose state is a ``PowerEmaState``.
 
     Raises:
-      ValueError: a width outside (0, 1/√12), none or repeated widths, a bad every_k_steps.
-      TypeError: a non-floating ema_dtype, a non-bool skip_nonfinite.
-      ValueError: an ema_memory_kind the devices do not have (the message lists theirs).
+      ValueError: a width outside [1e-38, 1/√12), none or repeated widths, a bad
+        every_k_steps, a non-floating ema_dtype, an ema_memory_kind the devices do not have.
+      TypeError: a non-bool skip_nonfinite.
 
     Example:
       >>> import jax.numpy as jnp, optax, jema
@@ -287,16 +285,4 @@ def with_ema(
 def _check_ema_dtype(ema_dtype: Any) -> jnp.dtype | None:
     if ema_dtype is None:
         return None
-    message = f"ema_dtype must be a floating dtype such as jnp.float32; got {ema_dtype!r}"
-    if isinstance(ema_dtype, (jax.Array, np.ndarray)):
-        raise TypeError(
-            f"{message}. Under optax.inject_hyperparams, dtypes are called as schedules: pass "
-            "static_args='ema_dtype' to it."
-        )
-    try:
-        dtype = jnp.dtype(ema_dtype)
-    except TypeError as e:
-        raise TypeError(message) from e
-    if not is_floating(dtype):
-        raise TypeError(message)
-    return dtype
+    return check_floating_dtype(ema_dtype, "ema_dtype", "jnp.float32")

@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jema import nnx as jema_nnx
+from jema._checks import check_number
 from jema._orbax import Directory, check_new_step, check_savable, open_manager, save_lock
 from jema.train_state import TrainState
 
@@ -281,8 +282,5 @@ def check_step(step: Any) -> int:
       >>> check_step(3)
       3
     """
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise TypeError(f"step must be a non-negative int; got {step!r}")
-    if step < 0:
-        raise ValueError(f"step must be a non-negative int; got {step!r}")
-    return int(step)
+    rule = "be a non-negative int"
+    return check_number(step, "step", rule, low=0, closed="low", kind="int", wrong_type=TypeError)

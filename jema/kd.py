@@ -7,7 +7,6 @@ every step, run in eval mode behind ``jax.lax.stop_gradient``, and never stored 
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ import optax
 from flax import nnx
 
 from jema import nnx as jema_nnx
+from jema._checks import check_number, is_traced
 from jema.train_state import TrainState
 
 LossParts = dict[str, jax.Array]
@@ -272,7 +272,6 @@ def _eval_view(module: nnx.Module) -> nnx.Module:
 
 
 def _check_coeff(coeff: Any) -> None:
-    if isinstance(coeff, jax.core.Tracer):
-        return
-    if isinstance(coeff, bool) or not isinstance(coeff, numbers.Real) or not 0 <= float(coeff) <= 1:
-        raise ValueError(f"distillation_loss_coeff must be a number in [0, 1]; got {coeff!r}")
+    if not is_traced(coeff):
+        rule = "be a number in [0, 1]"
+        check_number(coeff, "distillation_loss_coeff", rule, low=0, high=1, closed="both")

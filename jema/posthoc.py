@@ -19,7 +19,6 @@ leave them alone, and only a save at exactly their step is refused (they are in 
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import re
 import warnings
@@ -32,10 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jema._checks import is_floating
+from jema._checks import check_floating_dtype, check_number, is_floating
 from jema._orbax import check_new_step, check_savable, open_manager, save_lock
 from jema._power import _check_sigma_rel, sigma_rel_to_gamma, width_key
-from jema._schedules import real_inside
 from jema._state import PowerEmaState, find_ema_state, tracked_sigma_rels
 
 FORMAT = "jema.posthoc/1"
@@ -190,8 +188,7 @@ def profile(tau: Any, step: int, sigma_rel: float) -> np.ndarray:
       [0.0, 0.00797, 0.02826, 0.0]
     """
     gamma = sigma_rel_to_gamma(sigma_rel)
-    if not (isinstance(step, numbers.Real) and 0 < step < math.inf):
-        raise ValueError(f"step must be a positive number; got {step!r}")
+    step = check_number(step, "step", "be a positive number", low=0.0)
     tau = np.asarray(tau, np.float64)
     inside = (tau >= 0) & (tau <= step)
     return np.where(inside, (gamma + 1) / step * np.clip(tau / step, 0, 1) ** gamma, 0.0)
@@ -756,12 +753,8 @@ def _sequence(value: Any) -> list[Any]:
 def _check_positive_int(value: Any, name: str) -> int:
     """A step: a positive whole number (ints, exactly; integral floats such as EDM2's float
     step arrays hold; 0-d numpy and jax arrays)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1:
-        return int(value)
-    number = real_inside(value, 0.0, math.inf)
-    if number is None or number < 1 or number != int(number):
-        raise ValueError(f"{name} must hold positive ints (optimizer steps); got {value!r}")
-    return int(number)
+    rule = "hold positive ints (optimizer steps)"
+    return check_number(value, name, rule, low=1, closed="low", kind="whole")
 
 
 def _check_path(directory: Any) -> str:
@@ -783,12 +776,4 @@ def _check_storage_dtype(dtype: Any) -> str | None:
 
 
 def _check_dtype(dtype: Any) -> np.dtype | None:
-    if dtype is None:
-        return None
-    try:
-        wanted = jnp.dtype(dtype)
-    except TypeError as e:
-        raise ValueError(f"dtype must be a floating dtype such as 'float32'; got {dtype!r}") from e
-    if not is_floating(wanted):
-        raise ValueError(f"dtype must be a floating dtype such as 'float32'; got {dtype!r}")
-    return wanted
+    return None if dtype is None else check_floating_dtype(dtype, "dtype", "'float32'")

@@ -144,7 +144,7 @@ def test_complements_match_one_minus_the_float64_decay(decay, step, total):
 
 @given(x=st.floats(allow_nan=True), low=st.floats(-10, 10), width=st.floats(0.1, 10))
 def test_real_inside_is_the_open_interval_test(x, low, width):
-    from jema._schedules import real_inside
+    from jema._checks import real_inside
 
     high = low + width
     expected = x if low < x < high else None

@@ -147,7 +147,7 @@ def test_skip_nonfinite_must_be_a_bool():
 @pytest.mark.parametrize("dtype", [jnp.int32, "not-a-dtype", bool])
 def test_ema_dtype_must_be_floating(dtype):
     with pytest.raises(
-        TypeError, match="ema_dtype must be a floating dtype such as jnp.float32; got"
+        ValueError, match="ema_dtype must be a floating dtype such as jnp.float32; got"
     ):
         jema.ema_transform(ema_dtype=dtype)
 

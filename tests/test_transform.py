@@ -320,7 +320,7 @@ def test_inject_hyperparams_with_bfloat16_params_names_the_fix():
         ValueError, match=r"got Array\(1, dtype=bfloat16\).*hyperparam_dtype=jnp.float32"
     ):
         injected(decay=0.999, decay_type="constant").init(params)
-    with pytest.raises(TypeError, match="pass static_args='ema_dtype'"):
+    with pytest.raises(ValueError, match="pass static_args='ema_dtype'"):
         injected(decay=0.5, ema_dtype=jnp.float32).init(jnp.ones(2))
     tx = optax.inject_hyperparams(
         jema.ema_transform, static_args="ema_dtype", hyperparam_dtype=jnp.float32
