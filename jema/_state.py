@@ -152,6 +152,31 @@ def ema_count(opt_state: Any) -> jax.Array:
     return find_ema_state(opt_state).count
 
 
+def check_attached(stats: Any, given: str, attach: str) -> None:
+    """The one rule for statistics: the EMA averages them only once they were attached.
+
+    Args:
+      stats: the statistics the EMA holds, None when none were attached.
+      given: what brought statistics to the EMA, for the message.
+      attach: the call that attaches them, as the user would write it.
+
+    Raises:
+      ValueError: ``{given} but the EMA holds no batch_stats: call {attach} once ...`` when
+        ``stats`` is None.
+
+    Example:
+      >>> check_attached(None, "stats were given", "jema.attach_batch_stats")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: stats were given but the EMA holds no batch_stats: call jema.attach_batch_stats...
+    """
+    if stats is None:
+        raise ValueError(
+            f"{given} but the EMA holds no batch_stats: call {attach} once, after the "
+            "optimizer's init and before the first update."
+        )
+
+
 def attach_batch_stats(opt_state: Any, batch_stats: Any) -> Any:
     """Give the EMA its initial BatchNorm statistics (their values when the EMA is created).
 

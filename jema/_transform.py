@@ -13,7 +13,7 @@ import optax
 from jema._checks import check_floating_dtype
 from jema._power import power_weights, sigma_rel_to_gamma, width_key
 from jema._schedules import Weights, check_every_k_steps, decay_weights_fn, valid_weights
-from jema._state import EmaState, PowerEmaState, WeightEmaState
+from jema._state import EmaState, PowerEmaState, WeightEmaState, check_attached
 from jema._trees import (
     all_finite,
     average_trees,
@@ -27,7 +27,6 @@ NO_PARAMS = (
     "ema_transform requires the current value of parameters: pass them to update, "
     "tx.update(grads, opt_state, params), and to init, tx.init(params)."
 )
-ATTACH_HINT = "call jema.attach_batch_stats(opt_state, batch_stats) once after tx.init(params)."
 
 
 def ema_transform(
@@ -222,8 +221,9 @@ def _averaging(
         emas, stats = unpack(state)
         check_same_structure(emas[0], params, "params")
         if batch_stats is not None:
-            attached = None if stats is None else stats[0]
-            check_same_structure(attached, batch_stats, "batch_stats", ATTACH_HINT)
+            given = "update(..., batch_stats=...) was given"
+            check_attached(stats, given, "jema.attach_batch_stats(opt_state, batch_stats)")
+            check_same_structure(stats[0], batch_stats, "batch_stats")
         count = optax.safe_increment(state.count)
         weights = weights_at(count)
         # k injected at run time (traced): below 1 it would freeze or corrupt the EMA, and

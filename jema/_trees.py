@@ -247,29 +247,24 @@ def _mix(e: Any, n: Any, weights: tuple[Any, Any]) -> Any:
     return (e.astype(compute) * d + one_minus_d * jnp.asarray(n).astype(compute)).astype(e.dtype)
 
 
-def check_same_structure(attached: Any, given: Any, name: str, missing_hint: str = "") -> None:
+def check_same_structure(attached: Any, given: Any, name: str) -> None:
     """Check that ``given`` can be averaged into ``attached`` (the EMA's copy of ``name``).
 
     Paths and shapes must match exactly: a broadcastable shape would silently change the
     EMA's shape.
 
     Args:
-      attached: what the EMA holds for ``name``, or None when nothing was attached.
+      attached: what the EMA holds for ``name``.
       given: the new values passed to ``update``.
       name: the keyword they came in, for the message.
-      missing_hint: what the user should call when nothing was attached.
 
     Raises:
-      ValueError: when nothing was attached, or the two trees differ in paths or shapes
-        (every difference listed, sorted).
+      ValueError: when the two trees differ in paths or shapes (every difference listed,
+        sorted).
 
     Example:
       >>> check_same_structure({"m": jnp.zeros(2)}, {"m": jnp.ones(2)}, "batch_stats")
     """
-    if attached is None:
-        raise ValueError(
-            f"update(..., {name}=...) was given but the EMA holds no {name}: {missing_hint}"
-        )
     if not _same_structure(attached, given):
         raise ValueError(
             f"the {name} given to update have a different structure from the EMA's: "

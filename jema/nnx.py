@@ -148,11 +148,11 @@ def finalize(model: nnx.Module, optimizer: nnx.Optimizer, sigma_rel: float | Non
 def _has_batch_stats(optimizer: nnx.Optimizer, model: nnx.Module) -> bool:
     if not jax.tree.leaves(_batch_stats(model)):
         return False
-    if _state.find_ema_state(optimizer.opt_state).batch_stats is None:
-        raise ValueError(
-            f"{type(model).__name__} has nnx.BatchStat variables but the EMA holds none: call "
-            "jema.nnx.attach_batch_stats(optimizer, model) once after building the optimizer."
-        )
+    _state.check_attached(
+        _state.find_ema_state(optimizer.opt_state).batch_stats,
+        f"{type(model).__name__} has nnx.BatchStat variables",
+        "jema.nnx.attach_batch_stats(optimizer, model)",
+    )
     return True
 
 
