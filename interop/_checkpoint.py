@@ -13,6 +13,7 @@ import numpy as np
 
 from interop._convert import Options, state_dict, torch_to_flax
 from interop._files import save_safetensors
+from interop._layouts import FeatureMaps
 from interop._names import Rename
 from interop._pth import write_pth
 from interop._report import Converted, Report
@@ -50,6 +51,7 @@ def load_checkpoint(
     rename: Rename | None = None,
     match_by_order: bool = False,
     cast: bool = False,
+    flattened: FeatureMaps | None = None,
 ) -> Any:
     """Loads ``net`` or ``ema_net`` from a ``.pth``/``.safetensors`` file into a Flax template.
 
@@ -62,17 +64,20 @@ def load_checkpoint(
         ``"net."`` for a flat safetensors file from elsewhere holding only ``net.<key>`` keys
         (without the ``jema.sections`` marker ``save_checkpoint`` writes, such a file reads as a
         bare state_dict, as a model whose only child is ``self.net`` would save it).
-      strict, rename, match_by_order, cast: as in ``torch_to_flax``, which also gives the
-        default names (``nnx.Sequential`` and ``nn.Sequential`` children both ``<name>.0``).
+      strict, rename, match_by_order, cast, flattened: as in ``torch_to_flax``, which also
+        gives the default names (``nnx.Sequential`` and ``nn.Sequential`` children both
+        ``<name>.0``); ``flattened={"fc": (C, H, W)}`` for a Linear after ``nn.Flatten`` of a
+        conv map whose Flax twin flattens NHWC.
 
     Returns:
       The filled template (linen dicts or ``nnx.State``), or ``Converted(value, report)`` when
       ``strict=False``.
 
     Raises:
-      OSError: when the file cannot be opened.
+      FileNotFoundError: naming the file when there is none, and what is expected there.
+      OSError: naming the file when it cannot be opened.
       ValueError: naming the file, for unreadable or unsafe files, a missing section, or
-        mismatches (strict).
+        mismatches (strict); for bad options, as ``torch_to_flax``.
 
     Example:
       >>> import os, tempfile, jax.numpy as jnp
@@ -93,6 +98,7 @@ def load_checkpoint(
             match_by_order=match_by_order,
             strict=strict,
             cast=cast,
+            flattened=flattened,
         )
     except ValueError as e:
         hint = flat_section_hint(checkpoint, state_dict) if prefix is None else ""
@@ -107,14 +113,16 @@ def save_checkpoint(
     path: str | os.PathLike[str], *, net: Variables, ema_net: Variables | None = ...,
     torch_template: TorchTemplate | str | os.PathLike[str] | None = ...,
     strict: Literal[True] = ...,
-    rename: Rename | None = ..., match_by_order: bool = ..., cast: bool = ..., **extra: Any,
+    rename: Rename | None = ..., match_by_order: bool = ..., cast: bool = ...,
+    flattened: FeatureMaps | None = ..., **extra: Any,
 ) -> None: ...  # fmt: skip
 @overload
 def save_checkpoint(
     path: str | os.PathLike[str], *, net: Variables, ema_net: Variables | None = ...,
     torch_template: TorchTemplate | str | os.PathLike[str] | None = ...,
     strict: Literal[False],
-    rename: Rename | None = ..., match_by_order: bool = ..., cast: bool = ..., **extra: Any,
+    rename: Rename | None = ..., match_by_order: bool = ..., cast: bool = ...,
+    flattened: FeatureMaps | None = ..., **extra: Any,
 ) -> dict[str, Report]: ...  # fmt: skip
 
 
@@ -128,6 +136,7 @@ def save_checkpoint(
     rename: Rename | None = None,
     match_by_order: bool = False,
     cast: bool = False,
+    flattened: FeatureMaps | None = None,
     **extra: Any,
 ) -> dict[str, Report] | None:
     """Writes Flax variables in SuperGradients' layout, atomically (temp file, then rename).
@@ -162,16 +171,19 @@ def save_checkpoint(
       torch_template: an ``nn.Module`` (needs PyTorch) or a state_dict (tensors or numpy
         arrays) giving names, order, dtypes and buffers, or a ``.pth``/``.safetensors`` file
         holding one (its ``net``, else its bare state_dict; no PyTorch needed).
-      strict, rename, match_by_order, cast: as in ``flax_to_torch``; ``strict=False`` writes
-        the template's values where Flax has none, and returns the reports.
+      strict, rename, match_by_order, cast, flattened: as in ``flax_to_torch``;
+        ``strict=False`` writes the template's values where Flax has none, and returns the
+        reports; ``flattened={"fc": (C, H, W)}`` writes a Dense kernel that takes an NHWC
+        flatten as the Linear after PyTorch's ``nn.Flatten`` (C, H, W order).
       **extra: other entries, e.g. ``epoch=3, acc=0.91``.
 
     Returns:
       None; with ``strict=False``, a ``Report`` per section written (``"net"``, ``"ema_net"``).
 
     Raises:
-      ValueError: listing mismatches against the template (strict); for a safetensors path,
-        when ``extra`` has a reserved key (``jema.sections``, ``jema.tied``); naming an
+      ValueError: listing mismatches against the template (strict); for ``match_by_order``
+        with sorted variables or a bad ``flattened``, as ``flax_to_torch``; for a safetensors
+        path, when ``extra`` has a reserved key (``jema.sections``, ``jema.tied``); naming an
         ``extra`` called like an option of ``load_checkpoint`` (``which``, ``prefix``,
         ``template``).
       TypeError: naming the key, before anything is written, for ``extra`` values that a
@@ -193,12 +205,18 @@ def save_checkpoint(
         raise ValueError(
             f"save_checkpoint got {', '.join(shadowing)}: options of load_checkpoint, not "
             "entries to store. Pass net=, ema_net=, torch_template=, rename=, match_by_order=, "
-            "strict= and cast= to choose what is written; other keywords are stored as entries"
+            "strict=, cast= and flattened= to choose what is written; other keywords are stored "
+            "as entries"
         )
     safetensors = os.fspath(path).endswith(".safetensors")
     if isinstance(torch_template, str | os.PathLike):
         torch_template = pick_section(read_checkpoint(torch_template), "net", torch_template)
-    options: Options = {"rename": rename, "match_by_order": match_by_order, "cast": cast}
+    options: Options = {
+        "rename": rename,
+        "match_by_order": match_by_order,
+        "cast": cast,
+        "flattened": flattened,
+    }
     converted: dict[str, Any] = {"net": state_dict(net, torch_template, strict, options)}
     if ema_net is not None:
         same = ema_net is net

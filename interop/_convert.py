@@ -15,9 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from interop._dtypes import as_numpy, is_array, numpy_dtype, to_torch
-from interop._layouts import torch_shapes
+from interop._layouts import (
+    LEAVES,
+    FeatureMaps,
+    feature_maps,
+    reorder_inputs,
+    rule,
+    torch_shapes,
+)
 from interop._leftovers import conflicts, sort_leftovers
-from interop._match import Unit, pair, units
+from interop._match import Pairing, Unit, pair, units
 from interop._names import Rename, match_key, usable_names
 from interop._report import Converted, Problems, few
 from interop._torch import is_module, require
@@ -34,6 +41,7 @@ class Options(TypedDict, total=False):
     rename: Rename | None
     match_by_order: bool
     cast: bool
+    flattened: FeatureMaps | None
 
 
 @overload
@@ -62,6 +70,7 @@ def torch_to_flax(
     match_by_order: bool = False,
     strict: bool = True,
     cast: bool = False,
+    flattened: FeatureMaps | None = None,
 ) -> Any:
     """Fills a Flax template from a PyTorch state_dict; the inputs are left untouched.
 
@@ -95,18 +104,29 @@ def torch_to_flax(
       rename: ``{regex: replacement}`` rules turning PyTorch names into the Flax side's default
         names, tried after exact (normalised) names.
       match_by_order: pair what is left in order, shapes checked. Only for linen variables
-        straight from an eager ``init`` (``jax.eval_shape`` and ``jit`` sort dict keys).
+        straight from an eager ``init``: ``jax.eval_shape`` and ``jit`` sort dict keys. A
+        template whose every dict level is in sorted order, paired with PyTorch keys that are
+        not (registration order: ``weight`` before ``bias``), is refused when a pair made by
+        order has the wrong shape; an eager template that happens to be sorted (no module with
+        both ``kernel`` and ``bias``) pairs as usual while its shapes agree.
       strict: raise on any mismatch; else return ``Converted(value, report)``, leaves that were
         not filled keeping the template's value.
       cast: convert dtypes that differ from the template's instead of reporting them.
+      flattened: ``{"fc": (C, H, W)}`` for a Linear that takes an ``nn.Flatten`` of a conv map
+        (PyTorch flattens NCHW as C, H, W) whose Flax twin flattens NHWC (``x.reshape(n,
+        -1)``: H, W, C): its kernel's rows are reordered to match. Keys are PyTorch names as
+        ``rename`` sees them (without ``module.`` or ``prefix``), values the map's shape in
+        PyTorch's order (``(C, L)`` and ``(C, D, H, W)`` too).
 
     Returns:
       The template's structure (linen: dicts; nnx: an ``nnx.State`` for ``nnx.update``) holding
       jax arrays, or numpy arrays for dtypes JAX cannot hold as is (float64 with x64 off).
 
     Raises:
-      ValueError: listing every missing, unexpected, mis-shaped or mis-typed key (strict).
-      TypeError: for a template or state_dict of the wrong kind.
+      ValueError: listing every missing, unexpected, mis-shaped or mis-typed key (strict);
+        for ``match_by_order`` with a sorted template as above, naming a pair; for a
+        ``flattened`` key that names no Linear weight, or a shape of the wrong size.
+      TypeError: for a template, state_dict or ``flattened`` of the wrong kind.
 
     Example:
       >>> sd = {"fc.weight": np.ones((3, 2), np.float32), "fc.bias": np.zeros(3, np.float32)}
@@ -116,7 +136,10 @@ def torch_to_flax(
     """
     flat = flatten(template)
     _check_order(match_by_order, flat.ordered)
-    pairing = pair(flat.leaves, _usable(state_dict, prefix), rename, match_by_order)
+    names = _usable(state_dict, prefix)
+    pairing = pair(flat.leaves, names, rename, match_by_order)
+    _refuse_sorted(flat, pairing, state_dict, "the template's")
+    inputs = _feature_maps(flattened, names, state_dict, "the state_dict")
     problems = Problems()
     sort_leftovers(pairing, state_dict, frozenset(), problems, problems.unexpected)
     values = [leaf.value for leaf in flat.leaves]
@@ -124,7 +147,7 @@ def torch_to_flax(
     for unit, needs in pairing.lacking:
         problems.missing += [f"{leaf.label} (needs {needs})" for leaf in unit.leaves]
     for unit, keys in pairing.found:
-        arrays = _unit_to_flax(unit, [state_dict[k] for k in keys], keys, problems, cast)
+        arrays = _unit_to_flax(unit, [state_dict[k] for k in keys], keys, problems, cast, inputs)
         for leaf, array in zip(unit.leaves, arrays or (), strict=False):
             values[index[id(leaf)]] = array
     return problems.finish(flat.rebuild(values), strict, "the state_dict")
@@ -155,6 +178,7 @@ def flax_to_torch(
     match_by_order: bool = False,
     strict: bool = True,
     cast: bool = False,
+    flattened: FeatureMaps | None = None,
 ) -> Any:
     """Turns Flax variables into a PyTorch state_dict; the inputs are left untouched.
 
@@ -174,11 +198,15 @@ def flax_to_torch(
       torch_template: an ``nn.Module`` or its state_dict (tensors or numpy arrays).
       rename: ``{regex: replacement}`` rules turning template names into default names (with a
         template only).
-      match_by_order: pair what is left in order (linen variables from an eager ``init``; with
-        a template only).
+      match_by_order: pair what is left in order (linen variables in an eager ``init``'s
+        order, not ``jit`` output, whose keys are sorted: see ``torch_to_flax``; with a
+        template only).
       strict: raise on any mismatch; else return ``Converted(state_dict, report)``, template
         keys that were not filled keeping the template's values.
       cast: convert to the template's dtypes instead of reporting differences.
+      flattened: ``{"fc": (C, H, W)}``, as in ``torch_to_flax``: the Dense kernel's rows go
+        back to PyTorch's C, H, W order. Keys are template names, or default names without a
+        template.
 
     Returns:
       An ``OrderedDict`` of PyTorch names -> new contiguous tensors (or ``Converted`` when not
@@ -187,7 +215,8 @@ def flax_to_torch(
     Raises:
       ValueError: listing every missing, unexpected, mis-shaped, mis-typed or conflicting key
         (strict); naming ``rename`` or ``match_by_order`` when given without a template; naming
-        two leaves whose default names load back as one (no template).
+        two leaves whose default names load back as one (no template); for ``match_by_order``
+        with sorted variables or a bad ``flattened``, as in ``torch_to_flax``.
       TypeError: for inputs of the wrong kind.
       ImportError: when PyTorch is not installed.
 
@@ -198,7 +227,12 @@ def flax_to_torch(
       {'layers.0.weight': (3, 2), 'layers.0.bias': (3,)}
     """
     require("flax_to_torch")
-    options: Options = {"rename": rename, "match_by_order": match_by_order, "cast": cast}
+    options: Options = {
+        "rename": rename,
+        "match_by_order": match_by_order,
+        "cast": cast,
+        "flattened": flattened,
+    }
     out = state_dict(variables, torch_template, strict, options)
     if isinstance(out, Converted):
         return Converted(tensors(out.value), out.report)
@@ -241,7 +275,8 @@ def state_dict(
 
     Args:
       variables, torch_template, strict: as in ``flax_to_torch``.
-      options: ``rename``, ``match_by_order`` and ``cast``, as in ``flax_to_torch``.
+      options: ``rename``, ``match_by_order``, ``cast`` and ``flattened``, as in
+        ``flax_to_torch``.
 
     Returns:
       An ``OrderedDict`` of PyTorch names -> numpy arrays in PyTorch's layout (or ``Converted``
@@ -260,23 +295,28 @@ def state_dict(
     rename = (options or {}).get("rename")
     match_by_order = (options or {}).get("match_by_order", False)
     cast = (options or {}).get("cast", False)
+    flattened = (options or {}).get("flattened")
     flat = flatten(variables)
     if torch_template is None:
         _refuse_without_template(rename, match_by_order)
-        return Problems().finish(_default_state_dict(flat), strict, "")
+        return Problems().finish(_default_state_dict(flat, flattened), strict, "")
     _check_order(match_by_order, flat.ordered)
     template, buffers = _template_state_dict(torch_template)
-    pairing = pair(flat.leaves, _usable(template), rename, match_by_order)
+    names = _usable(template)
+    pairing = pair(flat.leaves, names, rename, match_by_order)
+    _refuse_sorted(flat, pairing, template, "the variables'")
+    inputs = _feature_maps(flattened, names, template, "the torch_template")
     problems = Problems()
     tied = sort_leftovers(pairing, template, buffers, problems, problems.missing)
     problems.unexpected += [leaf.label for unit, _ in pairing.lacking for leaf in unit.leaves]
     produced: dict[str, np.ndarray] = {}
     for unit, keys in pairing.found:
         arrays = unit.layout.to_torch([np.asarray(leaf.value) for leaf in unit.leaves])
+        why = f"; {unit.leaves[0].label}{_rule(unit)}" if _rule(unit) else ""
         for key, array in zip(keys, arrays, strict=True):
-            converted = _to_template(array, key, template[key], problems, cast)
+            converted = _to_template(array, key, template[key], problems, cast, why)
             if converted is not None:
-                produced[key] = converted
+                produced[key] = _reordered(unit, key, converted, inputs, to_flax=False)
     produced.update((alias, produced[s]) for alias, s in tied.items() if s in produced)
     problems.conflicts += conflicts(produced, template)
     out = OrderedDict(
@@ -292,6 +332,28 @@ def _check_order(match_by_order: bool, ordered: bool) -> None:
             "match_by_order=True needs linen variables: nnx state is sorted by name, not in "
             "PyTorch's registration order. Use rename={pattern: replacement} instead."
         )
+
+
+def _refuse_sorted(flat: Flat, pairing: Pairing, torch_side: StateDict, whose: str) -> None:
+    """Refuses pairs made by order when ``flat`` is sorted (``jax.eval_shape``, ``jit``), the
+    keys paired by order are not, and one such pair has the wrong shape (``whose`` names the
+    Flax side, e.g. ``"the template's"``)."""
+    by_order = pairing.by_order
+    if not flat.sorted or list(by_order) == sorted(by_order, key=lambda k: k.split(".")):
+        return
+    chosen = set(by_order)
+    for unit, keys in pairing.found:
+        shapes = [tuple(leaf.value.shape) for leaf in unit.leaves]
+        for key, want in zip(keys, torch_shapes(unit.layout, shapes), strict=True):
+            if key in chosen and tuple(torch_side[key].shape) != want:
+                raise ValueError(
+                    f"match_by_order=True paired {key} {tuple(torch_side[key].shape)} with "
+                    f"{unit.leaves[0].label} {shapes[0]}: {whose} dict keys are in sorted "
+                    "order at every level, as jax.eval_shape and jax.jit return them, not in "
+                    "the order the model first calls its modules, which is PyTorch's order. "
+                    "Pass an eager template, model.init(key, x) (values can be any arrays of "
+                    "the right shapes), or pair by name with rename={pattern: replacement}"
+                )
 
 
 def _refuse_without_template(rename: Rename | None, match_by_order: bool) -> None:
@@ -328,13 +390,50 @@ def _usable(state_dict: StateDict, prefix: str | None = None) -> dict[str, str]:
     return usable_names(state_dict, prefix)
 
 
+def _feature_maps(
+    flattened: FeatureMaps | None, names: Mapping[str, str], side: StateDict, where: str
+) -> dict[str, tuple[int, ...]]:
+    """``feature_maps`` by usable names (``names``: usable -> key), returned by key."""
+    shapes = {name: tuple(side[key].shape) for name, key in names.items()}
+    return {names[name]: shape for name, shape in feature_maps(flattened, shapes, where).items()}
+
+
+def _reordered(
+    unit: Unit, key: str, weight: np.ndarray, inputs: Mapping[str, tuple[int, ...]], to_flax: bool
+) -> np.ndarray:
+    """``weight`` of ``key`` (PyTorch's layout) with its inputs reordered if ``flattened``
+    names it."""
+    if key not in inputs:
+        return weight
+    if unit.layout is not LEAVES["kernel"]:
+        raise ValueError(
+            f"flattened names {key.removesuffix('.weight')!r}, but {key} pairs with "
+            f"{unit.leaves[0].label}, not a Dense kernel; name only Linear layers in flattened"
+        )
+    return reorder_inputs(weight, inputs[key], to_flax)
+
+
+def _rule(unit: Unit) -> str:
+    """What follows a mismatch line's leaf label: the leaf's shape and the layout rule that
+    gave the expected one, or ``""`` where values are copied as they are."""
+    shapes = [tuple(leaf.value.shape) for leaf in unit.leaves]
+    said = rule(unit.layout, shapes)
+    shape = f" {shapes[0]}" if len(shapes) == 1 else ""
+    return f"{shape}: {said}" if said else ""
+
+
 def _unit_to_flax(
-    unit: Unit, tensors: list[Any], keys: Sequence[str], problems: Problems, cast: bool
+    unit: Unit,
+    tensors: list[Any],
+    keys: Sequence[str],
+    problems: Problems,
+    cast: bool,
+    inputs: Mapping[str, tuple[int, ...]],
 ) -> list[Any] | None:
     shapes = [tuple(leaf.value.shape) for leaf in unit.leaves]
     wanted = torch_shapes(unit.layout, shapes)
     bad = [
-        f"{key}: {tuple(t.shape)} in the state_dict, {w} for {unit.leaves[0].label}"
+        f"{key}: {tuple(t.shape)} in the state_dict, {w} for {unit.leaves[0].label}{_rule(unit)}"
         for key, t, w in zip(keys, tensors, wanted, strict=True)
         if tuple(t.shape) != w
     ]
@@ -347,6 +446,9 @@ def _unit_to_flax(
     if bad:
         problems.shapes += bad
         return None
+    arrays = [
+        _reordered(unit, k, a, inputs, to_flax=True) for k, a in zip(keys, arrays, strict=True)
+    ]
     out = []
     for leaf, array in zip(unit.leaves, unit.layout.to_flax(arrays, shapes), strict=True):
         want = np.dtype(leaf.value.dtype)
@@ -380,10 +482,12 @@ def _template_state_dict(torch_template: Any) -> tuple[StateDict, frozenset[str]
 
 
 def _to_template(
-    array: np.ndarray, key: str, like: Any, problems: Problems, cast: bool
+    array: np.ndarray, key: str, like: Any, problems: Problems, cast: bool, why: str
 ) -> np.ndarray | None:
     if array.shape != tuple(like.shape):
-        problems.shapes.append(f"{key}: {array.shape} from Flax, {tuple(like.shape)} in template")
+        problems.shapes.append(
+            f"{key}: {array.shape} from Flax, {tuple(like.shape)} in template{why}"
+        )
         return None
     want = numpy_dtype(like.dtype)
     if array.dtype != want and not cast:
@@ -394,8 +498,9 @@ def _to_template(
     return array.astype(want, copy=False)
 
 
-def _default_state_dict(flat: Flat) -> OrderedDict[str, np.ndarray]:
+def _default_state_dict(flat: Flat, flattened: FeatureMaps | None) -> OrderedDict[str, np.ndarray]:
     out: OrderedDict[str, np.ndarray] = OrderedDict()
+    unit_of: dict[str, Unit] = {}
     written: dict[str, tuple[str, str]] = {}  # match key -> the leaf and name written
     for unit in units(flat.leaves):
         for name in unit.names:
@@ -408,6 +513,10 @@ def _default_state_dict(flat: Flat) -> OrderedDict[str, np.ndarray]:
                 )
         arrays = unit.layout.to_torch([np.asarray(leaf.value) for leaf in unit.leaves])
         out.update(zip(unit.names, map(as_numpy, arrays), strict=True))
+        unit_of.update((name, unit) for name in unit.names)
         for name, (_, value) in zip(unit.torch_only, unit.layout.torch_only, strict=True):
             out[name] = np.array(value, np.int64)
+    inputs = _feature_maps(flattened, {k: k for k in out}, out, "the Flax variables")
+    for key in inputs:
+        out[key] = _reordered(unit_of[key], key, out[key], inputs, to_flax=False)
     return out

@@ -32,6 +32,7 @@ def is_safetensors(path: str | os.PathLike[str]) -> bool:
       True for a safetensors file; False for anything else (a ``torch.save`` file).
 
     Raises:
+      FileNotFoundError: naming the file when there is none, and saying what is expected.
       OSError: when the file cannot be opened.
 
     Example:
@@ -41,9 +42,21 @@ def is_safetensors(path: str | os.PathLike[str]) -> bool:
       ...     save_safetensors(path, {"w": np.ones(2, np.float32)}, {})
       ...     is_safetensors(path)
       True
+      >>> is_safetensors("no/ckpt.pth")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      FileNotFoundError: [Errno 2] No such file: expected a checkpoint there, ...: 'no/ckpt.pth'
     """
-    with open(path, "rb") as f:
-        head = f.read(9)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            errno.ENOENT,
+            "No such file: expected a checkpoint there, a torch.save file (.pth: "
+            "SuperGradients' ckpt_best.pth, a state_dict) or a safetensors file, as "
+            "save_checkpoint writes either",
+            os.fspath(path),
+        ) from e
     return len(head) == 9 and head[8:9] == b"{"
 
 

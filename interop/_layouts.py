@@ -13,6 +13,9 @@ Each entry names a Flax module's leaves (relative paths), the PyTorch tensors th
   <-> PyTorch's packed ``in_proj_weight`` (3E, E) and ``out_proj.weight`` (E, E), with biases.
 - Any other leaf keeps its name and values (a bare ``nn.Parameter`` such as ``cls_token``, a
   layer-scale ``gamma_1``, weight norm's ``weight_g``/``weight_v`` in either spelling).
+- A Linear after ``nn.Flatten`` of a conv map (NCHW: inputs in C, H, W order) whose Flax twin
+  flattens NHWC (``x.reshape(n, -1)``: H, W, C order) has the same shape and other rows; the
+  option ``flattened={"fc": (C, H, W)}`` reorders them (``reorder_inputs``), both directions.
 
 PyTorch buffers with no Flax twin (BatchNorm's ``num_batches_tracked``) belong to the entry
 whose module has them, with the value a new state_dict gives them; they stay on the PyTorch side,
@@ -22,7 +25,8 @@ as do the other tensors ``is_torch_only`` tells by value (index tables, masks, s
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_dtypes
@@ -32,6 +36,8 @@ from interop._dtypes import as_numpy
 
 Arrays = Sequence[np.ndarray]
 Shapes = Sequence[tuple[int, ...]]
+FeatureMaps = Mapping[str, Sequence[int]]
+"""PyTorch Linear names -> the (C, *spatial) shape of the conv map each one's input flattens."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,3 +215,127 @@ def torch_shapes(layout: Layout, flax_shapes: Shapes) -> list[tuple[int, ...]]:
     """
     dummies = [np.broadcast_to(np.int8(0), s) for s in flax_shapes]
     return [tuple(a.shape) for a in layout.to_torch(dummies)]
+
+
+_SPATIAL = {1: "k", 2: "kh, kw", 3: "kd, kh, kw"}
+
+
+def rule(layout: Layout, flax_shapes: Shapes) -> str:
+    """The layout rule that turns Flax shapes into PyTorch's, in words, for error messages.
+
+    Args:
+      layout: a layout entry.
+      flax_shapes: the shapes of its Flax leaves, in ``layout.flax`` order.
+
+    Returns:
+      The rule, or ``""`` for an entry that copies values as they are.
+
+    Example:
+      >>> rule(LEAVES["kernel"], [(3, 3, 8, 16)])
+      'a Conv kernel (kh, kw, I/g, O) is a Conv2d weight (O, I/g, kh, kw)'
+      >>> rule(LEAVES["bias"], [(16,)])
+      ''
+    """
+    if layout is LEAVES["kernel"]:
+        n = len(flax_shapes[0])
+        if n == 2:
+            return "a Dense kernel (I, O) is a Linear weight (O, I)"
+        s, conv = _SPATIAL.get(n - 2, "*S"), f"Conv{n - 2}d" if n - 2 in _SPATIAL else "conv"
+        return f"a Conv kernel ({s}, I/g, O) is a {conv} weight (O, I/g, {s})"
+    if layout in MODULES:
+        return (
+            "query/key/value kernels (E, H, D) are in_proj_weight (3E, E) in three, transposed; "
+            "out (H, D, E) is out_proj.weight (E, E) transposed"
+        )
+    return ""
+
+
+def feature_maps(
+    flattened: FeatureMaps | None, weights: Mapping[str, tuple[int, ...]], where: str
+) -> dict[str, tuple[int, ...]]:
+    """Checks the ``flattened`` option against the PyTorch side's tensors.
+
+    Args:
+      flattened: ``{"fc": (C, H, W)}``: the PyTorch name of each Linear that follows a
+        ``nn.Flatten`` of a conv map, and that map's shape in PyTorch's order (C first: a
+        Conv1d map is (C, L), a Conv3d map (C, D, H, W)); or None.
+      weights: PyTorch names -> shapes of the tensors the Linear weights are looked up in.
+      where: names that side in messages, e.g. ``"the state_dict"``.
+
+    Returns:
+      Each Linear's weight name (``fc.weight``) -> its feature map.
+
+    Raises:
+      TypeError: when ``flattened`` is not a mapping of names to tuples of ints.
+      ValueError: naming the layer for a key whose ``<key>.weight`` is not a 2-D tensor of
+        ``weights``, a shape of fewer than 2 sizes or a size below 1, or a shape whose product
+        is not the weight's input size (both named).
+
+    Example:
+      >>> feature_maps({"fc": (8, 4, 4)}, {"fc.weight": (10, 128)}, "the state_dict")
+      {'fc.weight': (8, 4, 4)}
+    """
+    if flattened is None:
+        return {}
+    if not isinstance(flattened, Mapping) or not all(
+        isinstance(name, str)
+        and isinstance(shape, Sequence)
+        and all(isinstance(n, int | np.integer) for n in shape)
+        for name, shape in flattened.items()
+    ):
+        raise TypeError(
+            "flattened must map PyTorch Linear names to the (C, H, W) shape of the conv map "
+            f'each flattens, e.g. {{"fc": (16, 7, 7)}}; got {flattened!r}'
+        )
+    out = {}
+    for layer, shape in flattened.items():
+        key, feature_map = f"{layer}.weight", tuple(int(n) for n in shape)
+        if len(weights.get(key, ())) != 2:
+            linear = [repr(k.removesuffix(".weight")) for k, s in weights.items()
+                      if k.endswith(".weight") and len(s) == 2]  # fmt: skip
+            found = f"is {weights[key]}, not a Linear weight (out, in)" if key in weights else ""
+            raise ValueError(
+                f"flattened names {layer!r}, but {key} in {where} {found or 'is not there'}; "
+                f"Linear layers there: {', '.join(linear) or 'none'}"
+            )
+        if len(feature_map) < 2 or min(feature_map) < 1:
+            raise ValueError(
+                f"flattened[{layer!r}] is {feature_map}; it must be the shape of a conv map "
+                "in PyTorch's order, C then at least one spatial size, each at least 1: "
+                "(C, L), (C, H, W) or (C, D, H, W)"
+            )
+        inputs = weights[key][1]
+        if math.prod(feature_map) != inputs:
+            raise ValueError(
+                f"flattened[{layer!r}] is {feature_map}, {math.prod(feature_map)} values, but "
+                f"{key} {weights[key]} in {where} takes {inputs} inputs; pass the (C, H, W) "
+                "shape of the conv map its nn.Flatten flattens"
+            )
+        out[key] = feature_map
+    return out
+
+
+def reorder_inputs(weight: np.ndarray, feature_map: tuple[int, ...], to_flax: bool) -> np.ndarray:
+    """A Linear weight's inputs reordered between PyTorch's (C, *S) flattening of a conv map
+    and Flax's (*S, C) one: the same shape, the same values, the columns moved.
+
+    Args:
+      weight: a PyTorch-layout Linear weight (O, I), I the product of ``feature_map``.
+      feature_map: (C, *S), PyTorch's order.
+      to_flax: from PyTorch's column order to Flax's; False for the way back.
+
+    Returns:
+      The reordered (O, I) weight.
+
+    Example:
+      >>> w = np.arange(6).reshape(1, 6)  # C=2, H=1, W=3: columns c0h0w0, c0h0w1, ..., c1h0w2
+      >>> reorder_inputs(w, (2, 1, 3), to_flax=True)
+      array([[0, 3, 1, 4, 2, 5]])
+      >>> reorder_inputs(reorder_inputs(w, (2, 1, 3), True), (2, 1, 3), False)
+      array([[0, 1, 2, 3, 4, 5]])
+    """
+    channels, spatial = feature_map[0], feature_map[1:]
+    out = weight.shape[0]
+    if to_flax:
+        return np.moveaxis(weight.reshape(out, channels, *spatial), 1, -1).reshape(weight.shape)
+    return np.moveaxis(weight.reshape(out, *spatial, channels), -1, 1).reshape(weight.shape)

@@ -150,11 +150,29 @@ def match(
             renamed = wanted.get(match_key(apply_rename(key, rules)))
             if key not in used and renamed is not None and renamed not in pairs:
                 pairs[renamed] = key
-    if by_order:
-        used = set(pairs.values())
-        rest = [k for k in available if k not in used]
-        pairs.update(zip([e for e in expected if e not in pairs], rest, strict=False))
-    return pairs
+    return pairs | (in_order(expected, available, pairs) if by_order else {})
+
+
+def in_order(
+    expected: Sequence[str], available: Sequence[str], pairs: Mapping[str, str]
+) -> dict[str, str]:
+    """Pairs the expected names and available keys that ``pairs`` left, in order.
+
+    Args:
+      expected: the default PyTorch names the Flax side needs, in its order.
+      available: the keys on the PyTorch side, in their order.
+      pairs: what was paired by name.
+
+    Returns:
+      Expected name -> available key for the leftovers, the first with the first.
+
+    Example:
+      >>> in_order(["a", "Dense.0.weight"], ["a", "fc.weight"], {"a": "a"})
+      {'Dense.0.weight': 'fc.weight'}
+    """
+    used = set(pairs.values())
+    rest = [k for k in available if k not in used]
+    return dict(zip([e for e in expected if e not in pairs], rest, strict=False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,11 +185,13 @@ class Pairing:
         where the state_dict seems to have one (another unit took it; its other names found
         keys, which it loads only together; a prefix made it read as another name).
       unused: the keys no unit took, in their order (an incomplete unit takes none).
+      by_order: the keys paired by order (``match_by_order``), in their order.
     """
 
     found: list[tuple[Unit, tuple[str, ...]]]
     lacking: list[tuple[Unit, str]]
     unused: list[str]
+    by_order: tuple[str, ...] = ()
 
 
 def pair(
@@ -200,13 +220,15 @@ def pair(
       >>> from interop._tree import flatten
       >>> leaves = flatten({"params": {"fc": {"kernel": np.zeros((2, 3))}}}).leaves
       >>> pairing = pair(leaves, {"fc.weight": "module.fc.weight", "x.bias": "module.x.bias"})
-      >>> pairing.found[0][1], pairing.lacking, pairing.unused
-      (('module.fc.weight',), [], ['module.x.bias'])
+      >>> pairing.found[0][1], pairing.lacking, pairing.unused, pairing.by_order
+      (('module.fc.weight',), [], ['module.x.bias'], ())
     """
     unit_list = units(leaves)
     available = [k for k in keys if not is_torch_only(k)]
     expected = [name for unit in unit_list for name in unit.names]
-    pairs = match(expected, available, compile_rename(rename), by_order)
+    named = match(expected, available, compile_rename(rename), False)
+    ordered = in_order(expected, available, named) if by_order else {}
+    pairs = named | ordered
     found: list[tuple[Unit, tuple[str, ...]]] = []
     taken: dict[str, str] = {}  # usable key -> label of the leaf that took it
     for unit in unit_list:  # a key goes to one unit, the first that needs it
@@ -219,7 +241,8 @@ def pair(
     lacking = [
         (u, _needs(u, pairs, taken, by_key, read_as)) for u in unit_list if id(u) not in done
     ]
-    return Pairing(found, lacking, [keys[k] for k in keys if k not in taken])
+    unused = [keys[k] for k in keys if k not in taken]
+    return Pairing(found, lacking, unused, tuple(keys[k] for k in ordered.values()))
 
 
 def _needs(

@@ -103,11 +103,45 @@ class Problems:
         if not strict:
             return Converted(value, report)
         if not report.ok:
-            raise ValueError(
-                f"{what} does not match:\n{report}\n"
-                "Pass rename={pattern: replacement}, match_by_order=True (linen) or strict=False."
-            )
+            raise ValueError(f"{what} does not match:\n{report}\n{hint(report)}")
         return value
+
+
+def hint(report: Report) -> str:
+    """What can help with a report's mismatches, and only that.
+
+    Names that differ (missing, unexpected) get ``rename`` and ``match_by_order``; shapes that
+    differ under matching names get the sizes to fix, each line having given the layout rule
+    that produced the expected shape; dtypes say ``cast=True`` on their own lines.
+
+    Args:
+      report: a report with mismatches.
+
+    Returns:
+      The hint, one or more sentences.
+
+    Example:
+      >>> hint(Report(dtypes=("fc.bias: float64 in the state_dict, float32 in the template",)))
+      'Pass strict=False to get the rest with this report.'
+      >>> hint(Report(shapes=("fc.bias: (3,) in the state_dict, (2,) for params/fc/bias",)))[:40]
+      'Names match where shapes differ: build t'
+    """
+    hints = []
+    if report.missing or report.unexpected:
+        hints.append(
+            "Names differ: pass rename={pattern: replacement} (regex rules turning PyTorch "
+            "names into the Flax side's default names, e.g. {r'^backbone\\.': ''}), or "
+            "match_by_order=True for linen variables from an eager model.init."
+        )
+    if report.shapes:
+        hints.append(
+            "Names match where shapes differ: build the Flax modules with PyTorch's sizes "
+            "(features, kernel size, groups, heads)."
+        )
+    if report.conflicts:
+        hints.append("Tied keys hold one tensor: give their Flax leaves equal values.")
+    hints.append(f"{'Or p' if hints else 'P'}ass strict=False to get the rest with this report.")
+    return " ".join(hints)
 
 
 def few(names: Sequence[str], most: int) -> str:

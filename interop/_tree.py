@@ -37,11 +37,15 @@ class Leaf:
 
 @dataclasses.dataclass(frozen=True)
 class Flat:
-    """Leaves in the structure's order, how to rebuild it, and whether that order is linen's."""
+    """Leaves in the structure's order, how to rebuild it, whether that order is linen's, and
+    whether it is sorted: every dict level in sorted key order, as ``jax.eval_shape`` and
+    ``jax.jit`` return dicts (an eager linen ``init`` gives ``kernel`` before ``bias``); a group is
+    sorted when one of its parts is."""
 
     leaves: list[Leaf]
     rebuild: Callable[[list[Any]], Any]
     ordered: bool
+    sorted: bool = False
 
 
 def flatten(variables: Any) -> Flat:
@@ -56,7 +60,7 @@ def flatten(variables: Any) -> Flat:
 
     Returns:
       A ``Flat``: the leaves in order, ``rebuild(values)`` giving the same structure holding
-      new values, and whether the order is linen's first-call order.
+      new values, whether the order is linen's first-call order, and whether it is sorted.
 
     Raises:
       TypeError: naming the type when the input is none of these, or saying it is empty when it
@@ -65,8 +69,8 @@ def flatten(variables: Any) -> Flat:
     Example:
       >>> import numpy as np
       >>> flat = flatten({"params": {"fc": {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)}}})
-      >>> [leaf.label for leaf in flat.leaves], flat.ordered
-      (['params/fc/kernel', 'params/fc/bias'], True)
+      >>> [leaf.label for leaf in flat.leaves], flat.ordered, flat.sorted
+      (['params/fc/kernel', 'params/fc/bias'], True, False)
       >>> flat.rebuild([1, 2])
       {'params': {'fc': {'kernel': 1, 'bias': 2}}}
     """
@@ -102,10 +106,13 @@ def _flatten_linen(variables: Mapping) -> Flat:
     items = traverse_util.flatten_dict(variables)
     leaves = [Leaf(path, path[1:-1], value) for path, value in items.items()]
     paths = list(items)
+    # Depth-first paths are in sorted order exactly when every dict's keys are.
+    named = [tuple(map(str, path)) for path in paths]
     return Flat(
         leaves,
         lambda values: traverse_util.unflatten_dict(dict(zip(paths, values, strict=True))),
         True,
+        len(named) > 1 and named == sorted(named),
     )
 
 
@@ -149,4 +156,5 @@ def _flatten_group(group: Mapping) -> Flat:
             start += size
         return out
 
-    return Flat(leaves, rebuild, all(flat.ordered for flat in parts.values()))
+    ordered = all(flat.ordered for flat in parts.values())
+    return Flat(leaves, rebuild, ordered, any(flat.sorted for flat in parts.values()))
