@@ -167,7 +167,7 @@ def _net_and_ema(student: Any) -> tuple[Any, Any]:
         model, optimizer = student
         if isinstance(model, nnx.Module) and isinstance(optimizer, nnx.Optimizer):
             net = _detached_weights(model)
-            with jema_nnx.ema_weights(model, optimizer):
+            with jema_nnx.ema_weights(optimizer, model):
                 ema_net = _detached_weights(model)
             return net, ema_net
     raise TypeError(

@@ -207,7 +207,7 @@ def nnx_kd_steps(
     ``nnx.Param`` and updates it with :func:`jema.nnx.update` (BatchStat EMA included when
     attached); it returns ``parts``. Put the student in train mode (``model.train()``) first.
     ``eval_step(model, teacher, inputs, labels)`` runs eval-mode views of both and returns
-    ``(parts, student_logits)``; call it inside ``with jema.nnx.ema_weights(model, optimizer):``
+    ``(parts, student_logits)``; call it inside ``with jema.nnx.ema_weights(optimizer, model):``
     to evaluate the EMA student.
 
     Args:
@@ -228,7 +228,7 @@ def nnx_kd_steps(
       >>> train_step, eval_step = nnx_kd_steps()
       >>> x, y = jnp.ones((2, 4)), jnp.array([0, 2])
       >>> parts = train_step(student, optimizer, teacher, x, y)
-      >>> with jema.nnx.ema_weights(student, optimizer):
+      >>> with jema.nnx.ema_weights(optimizer, student):
       ...     parts, logits = eval_step(student, teacher, x, y)
     """
     _check_coeff(distillation_loss_coeff)

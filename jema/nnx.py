@@ -8,6 +8,7 @@ step with :func:`update` so the EMA averages the statistics with the weights.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,15 +87,17 @@ def update(optimizer: nnx.Optimizer, model: nnx.Module, grads: Any, **kwargs: An
 
 @contextlib.contextmanager
 def ema_weights(
-    model: nnx.Module, optimizer: nnx.Optimizer, sigma_rel: float | None = None
+    optimizer: nnx.Optimizer, model: nnx.Module, sigma_rel: float | None = None
 ) -> Iterator[nnx.Module]:
     """Evaluate on the EMA: swap its weights (and statistics) into ``model``, then restore.
 
-    The raw values come back when the block ends, also when it raises.
+    The raw values come back when the block ends, also when it raises. The arguments come in
+    flax's order, ``optimizer.update(model, grads)``'s: ``(model, optimizer)``, the order of
+    jema 0.x, still works this release, with a ``DeprecationWarning``.
 
     Args:
-      model: the module the optimizer trains.
       optimizer: an ``nnx.Optimizer`` built with :func:`jema.with_ema`.
+      model: the module the optimizer trains.
       sigma_rel: for a :func:`jema.power_ema`, the tracked width; None when it tracks one.
 
     Yields:
@@ -108,23 +111,27 @@ def ema_weights(
       >>> from flax import nnx
       >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
       >>> optimizer = nnx.Optimizer(model, jema.with_ema(optax.sgd(0.1)), wrt=nnx.Param)
-      >>> with ema_weights(model, optimizer):
+      >>> with ema_weights(optimizer, model):
       ...     predictions = model(jnp.ones((1, 2)))
     """
+    optimizer, model = _in_order(optimizer, model, "ema_weights", stacklevel=4)
     raw = nnx.as_pure(nnx.state(model, _filter(optimizer, model)))
-    finalize(model, optimizer, sigma_rel)
+    _swap_in(optimizer, model, sigma_rel)
     try:
         yield model
     finally:
         nnx.update(model, raw)
 
 
-def finalize(model: nnx.Module, optimizer: nnx.Optimizer, sigma_rel: float | None = None) -> None:
+def finalize(optimizer: nnx.Optimizer, model: nnx.Module, sigma_rel: float | None = None) -> None:
     """SuperGradients' end-of-training swap, in place: the model takes the EMA's values.
 
+    ``(model, optimizer)``, the order of jema 0.x, still works this release, with a
+    ``DeprecationWarning``.
+
     Args:
-      model: the module the optimizer trains.
       optimizer: an ``nnx.Optimizer`` built with :func:`jema.with_ema`.
+      model: the module the optimizer trains.
       sigma_rel: for a :func:`jema.power_ema`, the tracked width; None when it tracks one.
 
     Raises:
@@ -136,13 +143,38 @@ def finalize(model: nnx.Module, optimizer: nnx.Optimizer, sigma_rel: float | Non
       >>> from flax import nnx
       >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
       >>> optimizer = nnx.Optimizer(model, jema.with_ema(optax.sgd(0.1)), wrt=nnx.Param)
-      >>> finalize(model, optimizer)
+      >>> finalize(optimizer, model)
     """
+    _swap_in(*_in_order(optimizer, model, "finalize"), sigma_rel)
+
+
+def _swap_in(optimizer: nnx.Optimizer, model: nnx.Module, sigma_rel: float | None) -> None:
     raw_params = nnx.as_pure(nnx.state(model, optimizer.wrt))
     nnx.update(model, cast_like(raw_params, _state.ema_params(optimizer.opt_state, sigma_rel)))
     if _has_batch_stats(optimizer, model):
         stats = _state.ema_batch_stats(optimizer.opt_state, sigma_rel)
         nnx.update(model, cast_like(nnx.as_pure(_batch_stats(model)), stats))
+
+
+def _in_order(
+    first: Any, second: Any, name: str, stacklevel: int = 3
+) -> tuple[nnx.Optimizer, nnx.Module]:
+    """``(optimizer, model)``, from either order: jema 0.x took ``(model, optimizer)``."""
+    if isinstance(second, nnx.Optimizer) and not isinstance(first, nnx.Optimizer):
+        warnings.warn(
+            f"jema.nnx.{name}(model, optimizer) is deprecated: pass (optimizer, model), the order "
+            "of flax's optimizer.update(model, grads) and of jema.nnx.update; the old order "
+            "goes in the next release.",
+            DeprecationWarning,
+            stacklevel=stacklevel,
+        )
+        return second, first
+    if not isinstance(first, nnx.Optimizer):
+        raise TypeError(
+            f"jema.nnx.{name} takes (optimizer, model) with an nnx.Optimizer first; got "
+            f"({type(first).__name__}, {type(second).__name__})"
+        )
+    return first, second
 
 
 def _has_batch_stats(optimizer: nnx.Optimizer, model: nnx.Module) -> bool:

@@ -181,7 +181,7 @@ def finalize(state: TrainState, sigma_rel: float | None = None) -> TrainState:
     if not isinstance(state, TrainState):
         raise TypeError(
             f"finalize expects a jema TrainState; got {type(state).__name__}. For nnx use "
-            "jema.nnx.finalize(model, optimizer)."
+            "jema.nnx.finalize(optimizer, model)."
         )
     ema = state.ema_variables(sigma_rel)
     return state.replace(

@@ -153,7 +153,7 @@ def nnx_facts() -> dict[str, Any]:
     grads = nnx.grad(lambda m: m(jnp.ones((1, 4))).sum())(model)
     jema.nnx.update(optimizer, model, grads)
     ema = jema.ema_params(optimizer.opt_state)
-    with jema.nnx.ema_weights(model, optimizer):
+    with jema.nnx.ema_weights(optimizer, model):
         inside = np.asarray(model.kernel[...])
         inside_kind = model.kernel[...].sharding.memory_kind
     return {

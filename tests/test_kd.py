@@ -187,7 +187,7 @@ def test_nnx_kd_step_freezes_teacher_and_evaluates_the_ema_student():
 
     x, y = batches(1, seed=3)[0]
     raw = snapshot(nnx.state(model))
-    with jema.nnx.ema_weights(model, optimizer):
+    with jema.nnx.ema_weights(optimizer, model):
         parts, logits = eval_step(model, teacher, x, y)
         model.eval()
         expected_logits = model(x)

@@ -24,7 +24,7 @@ def test_ema_of_params_and_batch_stats_matches_numpy_replay():
     for x, y in batches(5):
         nnx_train_step(model, optimizer, x, y)
         ema = jax.tree.map(lambda e, w: e * 0.8 + 0.2 * w, ema, pure(model))
-    with jema.nnx.ema_weights(model, optimizer):
+    with jema.nnx.ema_weights(optimizer, model):
         swapped = pure(model)
     jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6), swapped, ema)
     assert int(jema.ema_count(optimizer.opt_state)) == 5
@@ -41,7 +41,7 @@ def test_ema_weights_swaps_in_and_restores_also_after_an_exception():
     seen = {}
     with (
         pytest.raises(RuntimeError, match="validation failed"),
-        jema.nnx.ema_weights(model, optimizer) as swapped,
+        jema.nnx.ema_weights(optimizer, model) as swapped,
     ):
         seen["model"], seen["out"] = swapped, model(x)
         seen["kernel"] = pure(model, nnx.Param)["dense2"]["kernel"]
@@ -53,7 +53,7 @@ def test_ema_weights_swaps_in_and_restores_also_after_an_exception():
     )
     jax.tree.map(np.testing.assert_array_equal, pure(model), raw)
     assert not np.allclose(model(x), ema_out)
-    jema.nnx.finalize(model, optimizer)
+    jema.nnx.finalize(optimizer, model)
     np.testing.assert_array_equal(model(x), ema_out)
     np.testing.assert_array_equal(
         pure(model, nnx.BatchStat)["bn"]["var"],
@@ -68,7 +68,7 @@ def test_model_without_batch_stats_and_bfloat16_params():
     start = pure(model)
     grads = nnx.grad(lambda m: m(jnp.ones((1, 3))).sum())(model)
     jema.nnx.update(optimizer, model, grads)
-    jema.nnx.finalize(model, optimizer)
+    jema.nnx.finalize(optimizer, model)
     assert model.kernel[...].dtype == jnp.bfloat16
     expected = (start["kernel"].astype(np.float32) - 1.0) * 0.5 + start["kernel"].astype(
         np.float32
@@ -82,8 +82,8 @@ def test_errors_teach_the_fix():
     grads = nnx.grad(lambda m: m(jnp.ones((2, 4))).sum())(model)
     for call in (
         lambda: jema.nnx.update(optimizer, model, grads),
-        lambda: jema.nnx.finalize(model, optimizer),
-        lambda: jema.nnx.ema_weights(model, optimizer).__enter__(),
+        lambda: jema.nnx.finalize(optimizer, model),
+        lambda: jema.nnx.ema_weights(optimizer, model).__enter__(),
     ):
         with pytest.raises(ValueError, match=r"jema.nnx.attach_batch_stats\(optimizer, model\)"):
             call()
@@ -94,3 +94,29 @@ def test_errors_teach_the_fix():
         )
     with pytest.raises(ValueError, match="jema.with_ema"):
         jema.nnx.attach_batch_stats(nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param), model)
+
+
+def test_the_four_functions_take_optimizer_then_model_and_the_old_order_warns():
+    model, optimizer = nnx_training(decay=0.5)
+    for x, y in batches(2):
+        nnx_train_step(model, optimizer, x, y)
+    raw = pure(model)
+    with jema.nnx.ema_weights(optimizer, model):
+        new_order = pure(model)
+    with (
+        pytest.warns(
+            DeprecationWarning, match=r"ema_weights\(model, optimizer\) is deprecated"
+        ) as w,
+        jema.nnx.ema_weights(model, optimizer),
+    ):
+        old_order = pure(model)
+    assert w[0].filename == __file__  # the warning points at the caller's line
+    jax.tree.map(np.testing.assert_array_equal, old_order, new_order)
+    jax.tree.map(np.testing.assert_array_equal, pure(model), raw)
+    with pytest.warns(DeprecationWarning, match=r"finalize\(model, optimizer\) is deprecated") as w:
+        jema.nnx.finalize(model, optimizer)
+    assert w[0].filename == __file__
+    jax.tree.map(np.testing.assert_array_equal, pure(model), new_order)
+    for call in (jema.nnx.finalize, lambda *a: jema.nnx.ema_weights(*a).__enter__()):
+        with pytest.raises(TypeError, match=r"takes \(optimizer, model\) with an nnx.Optimizer"):
+            call(model, model)

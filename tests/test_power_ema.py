@@ -191,7 +191,7 @@ def test_nnx_evaluates_on_a_width():
     raw = np.asarray(model.kernel[...])
     ema = jema.ema_params(optimizer.opt_state, sigma_rel=0.10)["kernel"]
     assert not np.array_equal(raw, ema)
-    with jema.nnx.ema_weights(model, optimizer, sigma_rel=0.10):
+    with jema.nnx.ema_weights(optimizer, model, sigma_rel=0.10):
         np.testing.assert_array_equal(model.kernel[...], ema)
     np.testing.assert_array_equal(model.kernel[...], raw)
 
