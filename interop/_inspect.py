@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
@@ -11,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from interop._dtypes import as_numpy, is_array
+from interop._files import is_safetensors, read_safetensors
 from interop._report import few
-from interop._schema import BARE, read_checkpoint, sections
+from interop._schema import BARE, MARKER, TIES, read_checkpoint, sections
 
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
@@ -21,6 +23,9 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
     ``not compared (...)`` lines naming keys missing on one side or of different shapes.
 
     The file is read as ``load_checkpoint`` reads it (``read_checkpoint``, no PyTorch needed).
+    A safetensors file's metadata shows as a ``.pth``'s other keys do, a line per key in sorted
+    order (the format keeps none; values that are JSON, as ``save_checkpoint`` writes them,
+    decoded), except the ``jema.sections`` and ``jema.tied`` records the sections reflect.
 
     Args:
       path: a ``.pth``/``.pt`` or ``.safetensors`` file.
@@ -37,9 +42,9 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
       >>> import os, tempfile
       >>> from interop._files import save_safetensors
       >>> path = os.path.join(tempfile.mkdtemp(), "sd.safetensors")
-      >>> save_safetensors(path, {"fc.weight": np.ones((3, 2), np.float32)}, {})
-      >>> print(inspect_checkpoint(path).splitlines()[1])
-      state_dict: 1 tensors, 6 parameters, dtypes float32 x1
+      >>> save_safetensors(path, {"fc.weight": np.ones((3, 2), np.float32)}, {"epoch": "3"})
+      >>> inspect_checkpoint(path).splitlines()[1:]
+      ['state_dict: 1 tensors, 6 parameters, dtypes float32 x1', 'epoch: 3']
     """
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, Mapping):
@@ -52,10 +57,24 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
     if not found:
         lines.append("no 'net', 'ema_net' or state_dict found")
     lines += [f"{k}: {_describe(checkpoint[k])}" for k in others]
+    lines += [f"{k}: {_describe(v)}" for k, v in _metadata(path).items()]
     if len(found) == 2:
         lines.append("relative distance |net - ema_net| / |net| per layer:")
         lines += _distances(found["net"], found["ema_net"])
     return "\n".join(lines)
+
+
+def _metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A safetensors file's own metadata by key, JSON values decoded; {} for a ``.pth``."""
+    metadata = read_safetensors(path)[1] if is_safetensors(path) else {}
+    return {k: _decoded(v) for k, v in sorted(metadata.items()) if k not in (MARKER, TIES)}
+
+
+def _decoded(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _summary(state_dict: Mapping[str, Any]) -> str:

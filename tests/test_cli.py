@@ -3,6 +3,7 @@ clear word when ``import interop`` finds PyPI's unrelated package of that name."
 
 import contextlib
 import importlib.metadata
+import importlib.util
 import io
 import os
 import subprocess
@@ -33,9 +34,51 @@ def test_version_names_jema_its_stack_and_where_interop_comes_from():
     assert lines[0] == f"jema {jema.__version__}" == f"jema {importlib.metadata.version('jema')}"
     for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
         assert f"{name} {importlib.metadata.version(name)}" in lines
+    torch = importlib.util.find_spec("torch")
+    assert (f"torch {importlib.metadata.version('torch')}" if torch else "torch not installed") in (
+        lines
+    )
     import interop
 
     assert lines[-1] == f"interop: jema's ({interop.__file__})"
+
+
+HIDE_TORCH = """
+import importlib.machinery, sys
+
+class NoTorch(importlib.machinery.PathFinder):
+    \"\"\"sys.path's finder, less torch: neither importable nor installed as metadata says.\"\"\"
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.partition(".")[0] == "torch" else super().find_spec(name, path, target)
+
+    @classmethod
+    def find_distributions(cls, *args, **kwargs):
+        found = super().find_distributions(*args, **kwargs)
+        return (d for d in found if d.metadata["Name"] != "torch")
+
+sys.meta_path[sys.meta_path.index(importlib.machinery.PathFinder)] = NoTorch
+try:
+    import torch
+except ImportError:
+    print("import torch fails")
+from jema._app.cli import main
+sys.exit(main(["--version"]))
+"""
+
+
+def test_version_without_torch_says_torch_is_not_installed():
+    command = [sys.executable, "-c", HIDE_TORCH]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "import torch fails" and lines[1] == f"jema {jema.__version__}"
+    assert [line.split()[0] for line in lines[1:-1]] == [
+        *("jema", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "safetensors"),
+        "torch",
+    ]
+    assert lines[-2] == "torch not installed" and lines[-1].startswith("interop: jema's (")
 
 
 @pytest.fixture

@@ -13,17 +13,18 @@ STACK = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "safeten
 
 
 def version_report() -> str:
-    """One line per package: jema, the stack it runs on (torch when present), and ``interop``.
+    """One line per package: jema, the stack it runs on, and ``interop``.
 
     Returns:
-      The report, e.g. ``jema 0.1.0`` then ``jax 0.10.2`` ... then ``interop: jema's (...)``.
+      The report, e.g. ``jema 0.1.0`` then ``jax 0.10.2`` ... ``torch not installed`` (an
+      optional one absent) then ``interop: jema's (...)``.
 
     Example:
       >>> version_report().splitlines()[0].startswith("jema ")
       True
     """
     lines = [f"jema {_version('jema') or 'unknown (not installed)'}"]
-    lines += [f"{name} {_version(name)}" for name in STACK if _version(name)]
+    lines += [f"{name} {_version(name) or 'not installed'}" for name in STACK]
     problem = foreign_interop()
     lines.append(f"interop: {problem}" if problem else f"interop: jema's ({_interop_origin()})")
     return "\n".join(lines)

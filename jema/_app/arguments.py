@@ -1,21 +1,60 @@
-"""argparse types of the command line: each refuses a bad value with a line naming it."""
+"""The command line's argparse pieces: a parser with one-line usage errors and plain-text help
+naming every option's default, and types that refuse a bad value with a line naming it."""
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import NoReturn
+import re
+from typing import Any, NoReturn
 
 from jema._power import SIGMA_REL_MAX, SIGMA_REL_MIN, _check_sigma_rel
 
 
+def plain(text: str) -> str:
+    """reST text as plain text: a double-backquoted literal loses its backquotes.
+
+    Args:
+      text: a docstring line or help text.
+
+    Returns:
+      The text for a terminal.
+
+    Example:
+      >>> plain("The ``jema`` command line")
+      'The jema command line'
+    """
+    return re.sub(r"``(.+?)``", r"\1", text, flags=re.S)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help in plain text (``plain``), each option's help ending with its default:
+    ``(default: off)`` for a flag, ``(default: <value>)`` otherwise, unless the help says it."""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain(text))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = plain(action.help or "")
+        default = action.default
+        if not action.option_strings or default in (argparse.SUPPRESS, None) or "(default:" in text:
+            return text  # an option whose default is None says what that means itself
+        shown = "off" if action.nargs == 0 and default is False else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
 class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose usage errors are one line on stderr, exit status 2.
+    """An ``ArgumentParser`` whose usage errors are one line on stderr, exit status 2, and
+    whose help is ``HelpFormatter``'s (its subcommands' too).
 
     Example:
       >>> Parser(prog="jema").prog
       'jema'
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         """Print ``prog: message`` and exit with status 2 (argparse's usage-error status).

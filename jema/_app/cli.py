@@ -1,10 +1,13 @@
 """The ``jema`` command line: ``demo``, ``inspect CKPT``, ``posthoc DIR`` and the benchmarks
-``bench``, ``bench-scale``, ``bench-posthoc``, ``bench-interop``."""
+``bench``, ``bench-scale``, ``bench-posthoc``, ``bench-interop``.
+
+Output read only in part (``jema --help | head -1``) ends a command quietly, with status 0."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -44,13 +47,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
       The exit status: 0 on success, 1 on a failure, 2 on a usage error (one line on stderr,
-      no traceback, for both).
+      no traceback, for both). A reader that closes stdout early (``| head -1``) gets 0 and
+      no traceback: the rest of the output goes to ``os.devnull``.
 
     Example:
       >>> main(["inspect", "no-such-file.pth"])  # the error goes to stderr
       1
     """
-    parser = Parser(prog="jema", description=__doc__)
+    try:
+        try:
+            return _run(argv)
+        finally:  # the last of the output, also before --help's SystemExit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the exit's own flush then writes nowhere
+        os.close(devnull)
+        return 0
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    parser = Parser(prog="jema", description=__doc__.partition("\n\n")[0])
     parser.add_argument(
         "--version", action="store_true", help="versions of jema and its stack; interop's origin"
     )
@@ -59,10 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, (_, help_text) in BENCHMARKS.items():
         commands.add_parser(name, help=f"{help_text}; see jema {name} --help", add_help=False)
 
-    inspect = commands.add_parser("inspect", help="describe a PyTorch/safetensors checkpoint")
+    inspect = _command(commands, "inspect", "describe a PyTorch/safetensors checkpoint")
     inspect.add_argument("checkpoint", help="path to a .pth/.pt or .safetensors file")
 
-    demo = commands.add_parser("demo", help="train a digits CNN with EMA; plot, checkpoints, .pth")
+    demo = _command(commands, "demo", "train a digits CNN with EMA; plot, checkpoints, .pth")
     defaults = DemoConfig()
     demo.add_argument(
         "--epochs", type=positive_int, default=defaults.epochs, help="passes over the data"
@@ -76,21 +93,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
-    posthoc = commands.add_parser(
-        "posthoc", help="list the snapshots of a folder, or rebuild an EMA width from them"
+    posthoc = _command(
+        commands, "posthoc", "list the snapshots of a folder, or rebuild an EMA width from them"
     )
     posthoc.add_argument("directory", help="the folder jema.posthoc.save_snapshot wrote")
     action = posthoc.add_mutually_exclusive_group(required=True)
     action.add_argument("--list", action="store_true", help="list the snapshots")
-    action.add_argument("--sigma-rel", type=sigma_rel, help="the width to rebuild, e.g. 0.07")
+    action.add_argument(
+        "--sigma-rel",
+        type=sigma_rel,
+        help="the width to rebuild, e.g. 0.07 (default: none; --list or --sigma-rel is needed)",
+    )
     posthoc.add_argument(
         "--step", type=positive_int, help="rebuild at this step (default: the latest snapshot)"
     )
     posthoc.add_argument(
-        "--out", help="the file to write: .safetensors, or .pth in SG's layout (no torch needed)"
+        "--out",
+        help="the file to write: .safetensors, or .pth in SG's layout, no torch needed "
+        "(default: none; needed with --sigma-rel)",
     )
     posthoc.add_argument(
-        "--torch-template", help="a .pth/.pt/.safetensors state_dict whose names to follow"
+        "--torch-template",
+        help="a .pth/.pt/.safetensors state_dict whose names to follow "
+        "(default: none: names made from the Flax tree, e.g. fc.weight)",
     )
     posthoc.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -113,6 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             posthoc.error("--sigma-rel needs --out FILE (.pth or .safetensors)")
         return _posthoc(args)
     parser.error(f"a command is required: demo, inspect, posthoc or one of {', '.join(BENCHMARKS)}")
+
+
+def _command(commands: argparse._SubParsersAction[Parser], name: str, summary: str) -> Parser:
+    """A subcommand whose summary is both its line in ``jema --help`` and its own help's."""
+    return commands.add_parser(name, help=summary, description=summary)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -144,34 +174,39 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _posthoc(args: argparse.Namespace) -> int:
-    from jema._app.posthoc_cli import export, snapshot_table
-    from jema.posthoc import ExtrapolationWarning
+    from jema._app.posthoc_cli import snapshot_table
 
     problem = None if args.list else foreign_interop()
     if problem:
         print(f"jema posthoc: interop {problem}", file=sys.stderr)
         return 1
     try:
-        if args.list:
-            print(snapshot_table(args.directory))
-            return 0
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ExtrapolationWarning)
-            written = export(
-                args.directory,
-                args.sigma_rel,
-                args.out,
-                step=args.step,
-                torch_template=args.torch_template,
-                progress=not args.no_progress,
-            )
+        output = snapshot_table(args.directory) if args.list else _export(args)
     except (OSError, ValueError, TypeError) as e:
         print(f"jema posthoc: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 1
-    for message in dict.fromkeys(str(w.message) for w in caught):  # once, not once per part
-        print(f"jema posthoc: warning: {message}", file=sys.stderr)
-    print(written)
+    print(output)
     return 0
+
+
+def _export(args: argparse.Namespace) -> str:
+    """``posthoc_cli.export`` of the options, its warnings on stderr once (not once per part)."""
+    from jema._app.posthoc_cli import export
+    from jema.posthoc import ExtrapolationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExtrapolationWarning)
+        written = export(
+            args.directory,
+            args.sigma_rel,
+            args.out,
+            step=args.step,
+            torch_template=args.torch_template,
+            progress=not args.no_progress,
+        )
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"jema posthoc: warning: {message}", file=sys.stderr)
+    return written
 
 
 def _inspect(path: str) -> int:
@@ -182,10 +217,11 @@ def _inspect(path: str) -> int:
     from interop import inspect_checkpoint
 
     try:
-        print(inspect_checkpoint(path))
+        report = inspect_checkpoint(path)
     except (OSError, ValueError) as e:
         print(f"jema inspect: {e}", file=sys.stderr)
         return 1
+    print(report)
     return 0
 
 
