@@ -34,3 +34,9 @@ __all__ = [
     "torch_to_flax",
     "write_checkpoint",
 ]
+
+
+def __dir__() -> list[str]:
+    """The public API only (PEP 562): ``__all__`` and the module's dunders, no private module."""
+    dunders = [name for name in globals() if name.startswith("__") and name.endswith("__")]
+    return sorted({*__all__, *dunders})

@@ -89,4 +89,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_MODULES, *_LAZY_NAMES})
+    """The public API only (PEP 562): ``__all__``, the names reached as ``jema.<name>`` (the
+    lazy integrations, ``exp``) and the module's dunders; no helper or private module."""
+    dunders = [name for name in globals() if name.startswith("__") and name.endswith("__")]
+    return sorted({*__all__, *_LAZY_MODULES, *_LAZY_NAMES, "exp", *dunders})
