@@ -138,7 +138,7 @@ def torch_to_flax(
     _check_order(match_by_order, flat.ordered)
     names = _usable(state_dict, prefix)
     pairing = pair(flat.leaves, names, rename, match_by_order)
-    _refuse_sorted(flat, pairing, state_dict, "the template's")
+    _refuse_sorted(flat, pairing, state_dict, "template")
     inputs = _feature_maps(flattened, names, state_dict, "the state_dict")
     problems = Problems()
     sort_leftovers(pairing, state_dict, frozenset(), problems, problems.unexpected)
@@ -304,7 +304,7 @@ def state_dict(
     template, buffers = _template_state_dict(torch_template)
     names = _usable(template)
     pairing = pair(flat.leaves, names, rename, match_by_order)
-    _refuse_sorted(flat, pairing, template, "the variables'")
+    _refuse_sorted(flat, pairing, template, "variables")
     inputs = _feature_maps(flattened, names, template, "the torch_template")
     problems = Problems()
     tied = sort_leftovers(pairing, template, buffers, problems, problems.missing)
@@ -334,10 +334,21 @@ def _check_order(match_by_order: bool, ordered: bool) -> None:
         )
 
 
-def _refuse_sorted(flat: Flat, pairing: Pairing, torch_side: StateDict, whose: str) -> None:
+_EAGER = {  # what to pass instead of sorted linen dicts, by the side they are on
+    "template": "Pass an eager template, model.init(key, x) (any values of the right shapes)",
+    "variables": (
+        "Put them in an eager init's order: with flatten_dict and unflatten_dict from "
+        "flax.traverse_util and flat = flatten_dict(variables), pass "
+        "unflatten_dict({path: flat[path] for path in flatten_dict(model.init(key, x))})"
+    ),
+}
+
+
+def _refuse_sorted(
+    flat: Flat, pairing: Pairing, torch_side: StateDict, side: Literal["template", "variables"]
+) -> None:
     """Refuses pairs made by order when ``flat`` is sorted (``jax.eval_shape``, ``jit``), the
-    keys paired by order are not, and one such pair has the wrong shape (``whose`` names the
-    Flax side, e.g. ``"the template's"``)."""
+    keys paired by order are not, and one such pair has the wrong shape."""
     by_order = pairing.by_order
     if not flat.sorted or list(by_order) == sorted(by_order, key=lambda k: k.split(".")):
         return
@@ -348,11 +359,11 @@ def _refuse_sorted(flat: Flat, pairing: Pairing, torch_side: StateDict, whose: s
             if key in chosen and tuple(torch_side[key].shape) != want:
                 raise ValueError(
                     f"match_by_order=True paired {key} {tuple(torch_side[key].shape)} with "
-                    f"{unit.leaves[0].label} {shapes[0]}: {whose} dict keys are in sorted "
-                    "order at every level, as jax.eval_shape and jax.jit return them, not in "
-                    "the order the model first calls its modules, which is PyTorch's order. "
-                    "Pass an eager template, model.init(key, x) (values can be any arrays of "
-                    "the right shapes), or pair by name with rename={pattern: replacement}"
+                    f"{unit.leaves[0].label} {shapes[0]}: the dict keys of the {side} are in "
+                    "sorted order at every level, as jax.eval_shape and jax.jit return them, "
+                    "not in the order the model first calls its modules, which is PyTorch's "
+                    f"order. {_EAGER[side]}; or pair by name with rename={{pattern: "
+                    "replacement}"
                 )
 
 
@@ -394,6 +405,8 @@ def _feature_maps(
     flattened: FeatureMaps | None, names: Mapping[str, str], side: StateDict, where: str
 ) -> dict[str, tuple[int, ...]]:
     """``feature_maps`` by usable names (``names``: usable -> key), returned by key."""
+    if flattened is None:
+        return {}
     shapes = {name: tuple(side[key].shape) for name, key in names.items()}
     return {names[name]: shape for name, shape in feature_maps(flattened, shapes, where).items()}
 

@@ -251,14 +251,14 @@ def rule(layout: Layout, flax_shapes: Shapes) -> str:
 
 
 def feature_maps(
-    flattened: FeatureMaps | None, weights: Mapping[str, tuple[int, ...]], where: str
+    flattened: FeatureMaps, weights: Mapping[str, tuple[int, ...]], where: str
 ) -> dict[str, tuple[int, ...]]:
     """Checks the ``flattened`` option against the PyTorch side's tensors.
 
     Args:
       flattened: ``{"fc": (C, H, W)}``: the PyTorch name of each Linear that follows a
         ``nn.Flatten`` of a conv map, and that map's shape in PyTorch's order (C first: a
-        Conv1d map is (C, L), a Conv3d map (C, D, H, W)); or None.
+        Conv1d map is (C, L), a Conv3d map (C, D, H, W)).
       weights: PyTorch names -> shapes of the tensors the Linear weights are looked up in.
       where: names that side in messages, e.g. ``"the state_dict"``.
 
@@ -275,8 +275,6 @@ def feature_maps(
       >>> feature_maps({"fc": (8, 4, 4)}, {"fc.weight": (10, 128)}, "the state_dict")
       {'fc.weight': (8, 4, 4)}
     """
-    if flattened is None:
-        return {}
     if not isinstance(flattened, Mapping) or not all(
         isinstance(name, str)
         and isinstance(shape, Sequence)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 import interop
 
@@ -120,10 +121,10 @@ def test_match_by_order_refuses_a_sorted_template_naming_a_pair() -> None:
     message = _message(lambda: interop.torch_to_flax(TORCH_CONV_BN, template, match_by_order=True))
     assert message == (
         "match_by_order=True paired conv.weight (6, 3, 3, 3) with batch_stats/BatchNorm_0/mean "
-        "(6,): the template's dict keys are in sorted order at every level, as jax.eval_shape "
-        "and jax.jit return them, not in the order the model first calls its modules, which is "
-        "PyTorch's order. Pass an eager template, model.init(key, x) (values can be any arrays "
-        "of the right shapes), or pair by name with rename={pattern: replacement}"
+        "(6,): the dict keys of the template are in sorted order at every level, as "
+        "jax.eval_shape and jax.jit return them, not in the order the model first calls its "
+        "modules, which is PyTorch's order. Pass an eager template, model.init(key, x) (any "
+        "values of the right shapes); or pair by name with rename={pattern: replacement}"
     )
     with pytest.raises(ValueError, match="match_by_order=True paired conv.weight"):
         interop.torch_to_flax(TORCH_CONV_BN, template, match_by_order=True, strict=False)
@@ -140,7 +141,8 @@ def test_match_by_order_with_an_eager_template_pairs_each_tensor_with_its_leaf()
 
 
 def test_match_by_order_refuses_sorted_variables_when_saving(tmp_path) -> None:
-    variables = jax.jit(AutoNamed().init)(jax.random.key(0), X)  # a jit output: sorted keys
+    initialised = jax.jit(AutoNamed().init)(jax.random.key(0), X)  # a jit output: sorted keys
+    variables = jax.tree.map(lambda a: _normal(*a.shape), initialised)  # tree.map sorts too
     path = tmp_path / "ckpt.pth"
     message = _message(
         lambda: interop.save_checkpoint(
@@ -149,9 +151,32 @@ def test_match_by_order_refuses_sorted_variables_when_saving(tmp_path) -> None:
     )
     assert message.startswith(
         "match_by_order=True paired conv.weight (6, 3, 3, 3) with batch_stats/BatchNorm_0/mean "
-        "(6,): the variables' dict keys are in sorted order at every level"
+        "(6,): the dict keys of the variables are in sorted order at every level"
+    )
+    assert message.endswith(
+        "Put them in an eager init's order: with flatten_dict and unflatten_dict from "
+        "flax.traverse_util and flat = flatten_dict(variables), pass unflatten_dict({path: "
+        "flat[path] for path in flatten_dict(model.init(key, x))}); or pair by name with "
+        "rename={pattern: replacement}"
     )
     assert not path.exists()
+    flat = flatten_dict(variables)  # the fix the message gives
+    eager = flatten_dict(AutoNamed().init(jax.random.key(0), X))
+    reordered = unflatten_dict({leaf: flat[leaf] for leaf in eager})
+    interop.save_checkpoint(path, net=reordered, torch_template=TORCH_CONV_BN, match_by_order=True)
+    net = interop.read_checkpoint(path)["net"]
+    params, stats = variables["params"], variables["batch_stats"]["BatchNorm_0"]
+    np.testing.assert_array_equal(
+        net["conv.weight"], np.transpose(params["Conv_0"]["kernel"], (3, 2, 0, 1))
+    )
+    for key, value in (
+        ("conv.bias", params["Conv_0"]["bias"]),
+        ("bn.weight", params["BatchNorm_0"]["scale"]),
+        ("bn.bias", params["BatchNorm_0"]["bias"]),
+        ("bn.running_mean", stats["mean"]),
+        ("bn.running_var", stats["var"]),
+    ):
+        np.testing.assert_array_equal(net[key], value)
 
 
 def test_a_sorted_template_whose_order_fits_the_shapes_still_pairs_by_order() -> None:
@@ -196,3 +221,40 @@ def test_a_missing_checkpoint_file_is_named_with_what_is_expected(tmp_path, call
         "SuperGradients' ckpt_best.pth, a state_dict) or a safetensors file, as save_checkpoint "
         f"writes either: '{path}'"
     )
+
+
+@pytest.mark.parametrize(
+    ("kernel", "rule"),
+    [
+        ((3, 2, 5), "a Conv kernel (k, I/g, O) is a Conv1d weight (O, I/g, k)"),
+        (
+            (1, 3, 3, 2, 5),
+            "a Conv kernel (kd, kh, kw, I/g, O) is a Conv3d weight (O, I/g, kd, kh, kw)",
+        ),
+    ],
+)
+def test_conv1d_and_conv3d_mismatches_name_their_layout(kernel, rule) -> None:
+    template = {"params": {"conv": {"kernel": np.zeros(kernel, np.float32)}}}
+    torch_side = {"conv.weight": np.zeros((5, 7, *kernel[:-2]), np.float32)}
+    message = _message(lambda: interop.torch_to_flax(torch_side, template))
+    assert f"for params/conv/kernel {kernel}: {rule}\n" in message
+
+
+def test_an_attention_mismatch_names_the_packed_layout() -> None:
+    e, heads = 4, 2
+    parts = {p: {"kernel": np.zeros((e, heads, e // heads)), "bias": np.zeros((heads, e // heads))}
+             for p in ("query", "key", "value")}  # fmt: skip
+    parts["out"] = {"kernel": np.zeros((heads, e // heads, e)), "bias": np.zeros(e)}
+    template = {"params": {"attn": parts}}
+    torch_side = {
+        "attn.in_proj_weight": np.zeros((3 * e + 3, e)),
+        "attn.in_proj_bias": np.zeros(3 * e),
+        "attn.out_proj.weight": np.zeros((e, e)),
+        "attn.out_proj.bias": np.zeros(e),
+    }
+    message = _message(lambda: interop.torch_to_flax(torch_side, template))
+    assert (
+        "  attn.in_proj_weight: (15, 4) in the state_dict, (12, 4) for params/attn/query/kernel: "
+        "query/key/value kernels (E, H, D) are in_proj_weight (3E, E) in three, transposed; out "
+        "(H, D, E) is out_proj.weight (E, E) transposed\nNames match where shapes differ"
+    ) in message
