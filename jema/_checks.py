@@ -171,9 +171,15 @@ def check_floating_dtype(dtype: Any, name: str, example: str) -> np.dtype:
 
 
 def _real(x: Any) -> float | None:
-    """``x`` as a float when it is a real number or a real 0-d array, else None."""
+    """``x`` as a float when it is a real number or a real 0-d array, else None (Python ints
+    too big for a float are infinite)."""
     if isinstance(x, bool) or not isinstance(x, (numbers.Real, np.ndarray, np.generic, jax.Array)):
         return None
+    if isinstance(x, numbers.Integral) and not isinstance(x, (np.generic, jax.Array)):
+        try:
+            return float(x)
+        except OverflowError:
+            return math.inf if int(x) > 0 else -math.inf
     if getattr(x, "ndim", 0) != 0:
         return None
     dtype = np.asarray(x).dtype

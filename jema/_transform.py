@@ -222,7 +222,9 @@ def _averaging(
         check_same_structure(emas[0], params, "params")
         if batch_stats is not None:
             given = "update(..., batch_stats=...) was given"
-            check_attached(stats, given, "jema.attach_batch_stats(opt_state, batch_stats)")
+            fix = "call jema.attach_batch_stats(opt_state, batch_stats) once after tx.init(params)"
+            check_attached(stats, given, fix)
+            assert stats is not None  # for mypy: check_attached refused None
             check_same_structure(stats[0], batch_stats, "batch_stats")
         count = optax.safe_increment(state.count)
         weights = weights_at(count)

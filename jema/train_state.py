@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
 from flax.training import train_state
 
-from jema._state import attach_batch_stats, ema_batch_stats, ema_params, find_ema_state
+from jema._state import (
+    attach_batch_stats,
+    check_attached,
+    ema_batch_stats,
+    ema_params,
+    find_ema_state,
+)
 from jema._trees import cast_like, fill_masked, place
 
 
@@ -43,7 +51,9 @@ class TrainState(train_state.TrainState):
 
         Args:
           apply_fn: usually ``model.apply``.
-          params: the model's params (``variables["params"]``).
+          params: the model's params (``variables["params"]``), or flax's fp8 variables
+            ``{"params": ..., OVERWRITE_WITH_GRADIENT: ...}``, whose second part the
+            optimizer and the EMA never see (as in flax's ``TrainState``).
           tx: an optimizer holding one EMA, e.g. ``jema.with_ema(optax.adam(1e-3))``.
           batch_stats: ``variables["batch_stats"]``, or None for a model without BatchNorm.
           **kwargs: other fields of a subclass.
@@ -62,22 +72,18 @@ class TrainState(train_state.TrainState):
           >>> int(jema.ema_count(state.opt_state))
           0
         """
-        opt_state = tx.init(params)
-        find_ema_state(opt_state)
+        state = super().create(
+            apply_fn=apply_fn, params=params, tx=tx, batch_stats=batch_stats, **kwargs
+        )
+        find_ema_state(state.opt_state)
+        opt_state = state.opt_state
         if batch_stats is not None:
             opt_state = attach_batch_stats(opt_state, batch_stats)
-        return cls(
-            step=jnp.zeros([], jnp.int32),
-            apply_fn=apply_fn,
-            params=params,
-            tx=tx,
-            opt_state=opt_state,
-            batch_stats=batch_stats,
-            **kwargs,
-        )
+        return state.replace(step=jnp.zeros([], jnp.int32), opt_state=opt_state)
 
     def apply_gradients(self, *, grads: Any, batch_stats: Any = None, **kwargs: Any) -> TrainState:
-        """One optimizer step; the EMA averages the new params and ``batch_stats``.
+        """One optimizer step (flax's, fp8 ``OVERWRITE_WITH_GRADIENT`` params included); the
+        EMA averages the new params and ``batch_stats``.
 
         Args:
           grads: gradients shaped like ``params``.
@@ -103,21 +109,16 @@ class TrainState(train_state.TrainState):
         """
         if batch_stats is None:
             return super().apply_gradients(grads=grads, **kwargs)
-        if find_ema_state(self.opt_state).batch_stats is None:
-            raise ValueError(
-                "apply_gradients(batch_stats=...) was given but the EMA holds no batch_stats: "
-                "build the state with TrainState.create(..., batch_stats=variables['batch_stats'])."
-            )
-        updates, opt_state = self.tx.update(
-            grads, self.opt_state, self.params, batch_stats=batch_stats
+        check_attached(
+            find_ema_state(self.opt_state).batch_stats,
+            "apply_gradients(batch_stats=...) was given",
+            "build the state with TrainState.create(..., batch_stats=variables['batch_stats'])",
         )
-        return self.replace(
-            step=self.step + 1,
-            params=optax.apply_updates(self.params, updates),
-            opt_state=opt_state,
-            batch_stats=batch_stats,
-            **kwargs,
+        averaging = self.replace(tx=_passing_batch_stats(self.tx, batch_stats))
+        stepped = super(TrainState, averaging).apply_gradients(
+            grads=grads, batch_stats=batch_stats, **kwargs
         )
+        return stepped.replace(tx=self.tx)
 
     def ema_variables(self, sigma_rel: float | None = None) -> dict[str, Any]:
         """The EMA model's variables, to evaluate with ``state.apply_fn(variables, ...)``.
@@ -127,7 +128,8 @@ class TrainState(train_state.TrainState):
 
         Returns:
           ``{"params": ..., "batch_stats": ...}`` of the EMA (no ``"batch_stats"`` for a
-          model without them), in device memory with the params' sharding (an EMA kept in
+          model without them; fp8 ``OVERWRITE_WITH_GRADIENT`` params, which flax's optimizer
+          never sees, are the raw ones), in device memory with the params' sharding (an EMA kept in
           host memory is brought over); leaves the EMA does not hold (masked) come from the
           raw model.
 
@@ -143,14 +145,16 @@ class TrainState(train_state.TrainState):
           >>> state.ema_variables()["params"]["w"].tolist()
           [1.0, 1.0]
         """
-        variables = {"params": fill_masked(self.params, ema_params(self.opt_state, sigma_rel))}
+        averaged, overwritten = _split(self.params)
+        params = _join(fill_masked(averaged, ema_params(self.opt_state, sigma_rel)), overwritten)
+        variables = {"params": params}
         if self.batch_stats is not None:
             stats = ema_batch_stats(self.opt_state, sigma_rel)
-            if stats is None:
-                raise ValueError(
-                    "the state has batch_stats but its EMA holds none: build it with "
-                    "TrainState.create(..., batch_stats=variables['batch_stats'])."
-                )
+            check_attached(
+                stats,
+                "the state has batch_stats",
+                "build it with TrainState.create(..., batch_stats=variables['batch_stats'])",
+            )
             variables["batch_stats"] = stats
         return place(variables, jax.memory.Space.Device)  # an EMA in host memory comes over
 
@@ -184,7 +188,31 @@ def finalize(state: TrainState, sigma_rel: float | None = None) -> TrainState:
             "jema.nnx.finalize(optimizer, model)."
         )
     ema = state.ema_variables(sigma_rel)
+    averaged, overwritten = _split(state.params)
     return state.replace(
-        params=cast_like(state.params, ema["params"]),
+        params=_join(cast_like(averaged, _split(ema["params"])[0]), overwritten),
         batch_stats=cast_like(state.batch_stats, ema.get("batch_stats")),
     )
+
+
+def _passing_batch_stats(tx: optax.GradientTransformation, batch_stats: Any) -> Any:
+    """``tx`` whose update is given ``batch_stats``, for flax's ``apply_gradients`` to call."""
+
+    def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> Any:
+        return tx.update(updates, state, params, batch_stats=batch_stats, **extra)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+def _split(params: Any) -> tuple[Any, Any]:
+    """The params the optimizer sees, and flax's fp8 ``OVERWRITE_WITH_GRADIENT`` ones (None
+    when there are none), split as flax's ``TrainState`` splits them."""
+    if isinstance(params, Mapping) and OVERWRITE_WITH_GRADIENT in params:
+        return params["params"], params[OVERWRITE_WITH_GRADIENT]
+    return params, None
+
+
+def _join(averaged: Any, overwritten: Any) -> Any:
+    if overwritten is None:
+        return averaged
+    return {"params": averaged, OVERWRITE_WITH_GRADIENT: overwritten}

@@ -82,3 +82,12 @@ def test_other_dtypes_are_refused_naming_the_setting(dtype):
 def test_an_array_as_dtype_points_at_static_args():
     with pytest.raises(ValueError, match="pass static_args='ema_dtype' to it"):
         check_floating_dtype(jnp.zeros(()), "ema_dtype", "jnp.float32")
+
+
+def test_python_ints_of_any_size_are_numbers():
+    assert check_number(10**20, "step", "be a positive int", low=0, kind="int") == 10**20
+    assert check_number(2**1022 * 3, "step", "be whole", low=0, kind="whole") == 2**1022 * 3
+    with pytest.raises(ValueError, match=r"step must be finite; got 1000+$"):  # past any float
+        check_number(10**400, "step", "be finite", low=0, kind="int")
+    with pytest.raises(ValueError, match="step must be finite; got -1000"):
+        check_number(-(10**400), "step", "be finite", kind="int")

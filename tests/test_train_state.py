@@ -5,6 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
+from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
+from flax.training import train_state
 
 import jema
 from jema.train_state import TrainState, finalize
@@ -141,3 +144,48 @@ def test_a_jitted_step_compiles_once():
         state = step(state)
     assert step._cache_size() == 1
     assert int(state.step) == 3
+
+
+class Fp8Net(nn.Module):
+    """flax's fp8 Dense: its scales and amax histories live in OVERWRITE_WITH_GRADIENT."""
+
+    @nn.compact
+    def __call__(self, x, train=True):
+        x = nn.Dense(6, dot_general_cls=nn.Fp8DirectDotGeneralOp)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(2, dot_general_cls=nn.Fp8DirectDotGeneralOp)(nn.relu(x)).sum()
+
+
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_fp8_overwrite_with_gradient_params_step_as_in_flax(with_stats):
+    model, x = Fp8Net(), jax.random.normal(jax.random.key(1), (4, 3))
+    variables = model.init(jax.random.key(0), x)
+    fp8 = {k: variables[k] for k in ("params", OVERWRITE_WITH_GRADIENT)}
+    stats = variables["batch_stats"] if with_stats else None
+    tx = jema.with_ema(optax.sgd(0.1), decay=0.5, decay_type="constant")
+    ours = TrainState.create(apply_fn=model.apply, params=fp8, tx=tx, batch_stats=stats)
+    theirs = train_state.TrainState.create(apply_fn=model.apply, params=fp8, tx=tx)
+    ema = fp8["params"]
+    for _ in range(3):
+        running = ours.batch_stats if with_stats else variables["batch_stats"]
+
+        def loss(params, running=running):
+            out, new = model.apply({**params, "batch_stats": running}, x, mutable="batch_stats")
+            return out, new["batch_stats"]
+
+        grads, new_stats = jax.grad(loss, has_aux=True)(ours.params)
+        ours = ours.apply_gradients(grads=grads, batch_stats=new_stats if with_stats else None)
+        theirs = theirs.apply_gradients(grads=grads)
+        ema = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, ema, ours.params["params"])
+    if with_stats:
+        assert_trees_equal(ours.batch_stats, new_stats)
+    assert_trees_equal(ours.params, theirs.params)  # flax's OWG rule: grads overwrite them
+    assert_trees_equal(ours.params[OVERWRITE_WITH_GRADIENT], grads[OVERWRITE_WITH_GRADIENT])
+    assert_trees_equal(jema.ema_params(ours.opt_state), ema)
+    averaged = ours.ema_variables()
+    assert_trees_equal(averaged["params"]["params"], ema)
+    assert_trees_equal(averaged["params"][OVERWRITE_WITH_GRADIENT], grads[OVERWRITE_WITH_GRADIENT])
+    final = finalize(ours)
+    assert_trees_equal(final.params["params"], ema)
+    assert_trees_equal(final.params[OVERWRITE_WITH_GRADIENT], ours.params[OVERWRITE_WITH_GRADIENT])
+    assert (averaged.get("batch_stats") is None) == (not with_stats)
