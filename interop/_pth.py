@@ -12,6 +12,7 @@ and without ``mmap=True``.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import secrets
@@ -20,7 +21,6 @@ import sys
 import zipfile
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
@@ -33,6 +33,8 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _ALIGNMENT = 64
 _MAX_DEFLATE_RATIO = 1100  # deflate cannot expand past about 1032:1
 _ZIP32_LIMIT = 0xFFFFFFFF
+_CHUNK = 1 << 20  # bytes CRC'd and written at a time
+_WRITE_BACK = 16 << 20  # bytes written before their write-back to the disk is started
 
 
 class _Storage(NamedTuple):
@@ -441,38 +443,54 @@ def _dense(array: np.ndarray) -> tuple[np.ndarray, int, tuple[int, ...]]:
 
 
 def _write_zip(temp: str, folder: str, pickle: bytes, blocks: list[np.ndarray]) -> None:
-    records: list[tuple[str, Any]] = [
+    records: list[tuple[str, bytes | memoryview]] = [
         ("data.pkl", pickle),
         (".format_version", b"1"),
         (".storage_alignment", str(_ALIGNMENT).encode()),
         ("byteorder", sys.byteorder.encode()),
-        *((f"data/{i}", memoryview(b.view(np.uint8))) for i, b in enumerate(blocks)),  # type: ignore[arg-type]
+        *((f"data/{i}", b.view(np.uint8).data) for i, b in enumerate(blocks)),
         ("version", b"3\n"),
         (".data/serialization_id", f"{secrets.randbelow(10**40):040d}".encode()),
     ]
-    with open(temp, "wb") as f, ThreadPoolExecutor(1) as pool:  # CRCs while writing
-        crcs = [pool.submit(zlib.crc32, data) for _, data in records]
-        _ZipWriter(f)._write_all(folder, records, [crc.result for crc in crcs])
+    with open(temp, "wb") as f:
+        _ZipWriter(f)._write_all(folder, records)
 
 
 class _ZipWriter:
     """The zip layout of ``torch.save`` (miniz): local headers with a padding extra field
     (``FB``) so each payload starts on a 64-byte boundary, zero CRC and sizes there and a data
-    descriptor after the payload, the real ones in the central directory, zip64 end records."""
+    descriptor after the payload, the real ones in the central directory, zip64 end records.
+
+    Payloads go out in pieces of ``_CHUNK`` bytes, each CRC'd just before it is written (one
+    pass over memory, the piece still in the CPU's cache), and every ``_WRITE_BACK`` bytes the
+    kernel is asked to start writing the file to the disk, so the disk works while the rest is
+    copied and the final ``fsync`` has little left to wait for."""
 
     def __init__(self, f: BinaryIO) -> None:
-        self.f, self.pos = f, 0
+        self.f, self.pos, self.written_back = f, 0, 0
         self.central: list[bytes] = []
 
-    def _put(self, data: Any) -> None:
+    def _put(self, data: bytes) -> None:
         self.f.write(data)
-        self.pos += len(data) if isinstance(data, bytes) else data.nbytes
+        self.pos += len(data)
 
-    def _write_all(
-        self, folder: str, records: list[tuple[str, Any]], crcs: list[Callable[[], int]]
-    ) -> None:
-        for (name, data), crc in zip(records, crcs, strict=True):
-            self._record(f"{folder}/{name}".encode(), data, crc)
+    def _payload(self, data: bytes | memoryview) -> int:
+        """Writes ``data`` (bytes, or a 1-d uint8 array's memory, not copied); its CRC32."""
+        view, crc = memoryview(data), 0
+        for start in range(0, len(view), _CHUNK):
+            piece = view[start : start + _CHUNK]
+            crc = zlib.crc32(piece, crc)
+            self.f.write(piece)
+            self.pos += len(piece)
+            if self.pos - self.written_back >= _WRITE_BACK:
+                self.f.flush()
+                _start_write_back(self.f.fileno(), self.written_back, self.pos - self.written_back)
+                self.written_back = self.pos
+        return crc
+
+    def _write_all(self, folder: str, records: list[tuple[str, bytes | memoryview]]) -> None:
+        for name, data in records:
+            self._record(f"{folder}/{name}".encode(), data)
         start, count = self.pos, len(self.central)
         for entry in self.central:
             self._put(entry)
@@ -484,8 +502,8 @@ class _ZipWriter:
                              min(count, 0xFFFF), min(size, _ZIP32_LIMIT),
                              min(start, _ZIP32_LIMIT), 0))  # fmt: skip
 
-    def _record(self, name: bytes, data: Any, crc_of: Callable[[], int]) -> None:
-        size = len(data) if isinstance(data, bytes) else data.nbytes
+    def _record(self, name: bytes, data: bytes | memoryview) -> None:
+        size = len(data)
         offset = self.pos
         if max(size, offset) >= _ZIP32_LIMIT:
             raise OSError(f"records past 4 GiB need zip64 fields this writer does not write "
@@ -494,8 +512,7 @@ class _ZipWriter:
         extra = b"FB" + struct.pack("<H", padding) + b"Z" * padding
         self._put(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 0, 0x808, 0, 0, 0, 0, 0, 0,
                              len(name), len(extra)) + name + extra)  # fmt: skip
-        self._put(data)
-        crc = crc_of()
+        crc = self._payload(data)
         self._put(struct.pack("<4sIII", b"PK\x07\x08", crc, size, size))
         self.central.append(
             struct.pack(
@@ -520,6 +537,16 @@ class _ZipWriter:
             )
             + name  # fmt: skip
         )
+
+
+def _start_write_back(fd: int, offset: int, length: int) -> None:
+    """Starts the write-back of a written range of ``fd`` without waiting for it, as
+    PostgreSQL does where ``sync_file_range`` is missing: ``POSIX_FADV_DONTNEED`` writes dirty
+    pages back and drops only the clean ones, and pages being written back stay cached. Advice
+    only: where it is missing or refused, the final ``fsync`` does the work."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def write_checkpoint(path: str | os.PathLike[str], obj: Any) -> None:

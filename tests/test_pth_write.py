@@ -137,6 +137,26 @@ def test_the_same_jax_array_under_two_keys_is_one_storage(torch, tmp_path) -> No
     assert got["a"].untyped_storage().data_ptr() == got["b"].untyped_storage().data_ptr()
 
 
+def write_in_small_pieces(tmp_path: pathlib.Path, monkeypatch) -> tuple[pathlib.Path, dict]:
+    """A checkpoint written in pieces of 1000 bytes, its write-back started every 4096."""
+    monkeypatch.setattr(interop._pth, "_CHUNK", 1000)
+    monkeypatch.setattr(interop._pth, "_WRITE_BACK", 4096)
+    rng = np.random.default_rng(10)
+    checkpoint = {
+        "w": random_array(rng, np.float32, (50, 77)),
+        "h": random_array(rng, np.float16, (999,)),
+    }
+    path = tmp_path / "ckpt.pth"
+    interop.write_checkpoint(path, checkpoint)
+    return path, checkpoint
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_torch_loads_records_written_piece_by_piece(torch, tmp_path, monkeypatch, mmap) -> None:
+    path, checkpoint = write_in_small_pieces(tmp_path, monkeypatch)
+    assert_same(from_torch(torch.load(path, weights_only=True, mmap=mmap)), checkpoint)
+
+
 # ---- no torch needed ----
 
 
@@ -202,6 +222,37 @@ def test_a_rich_checkpoint_round_trips(tmp_path) -> None:
     assert_same(got, expected(checkpoint), strides=False)
     assert np.shares_memory(got["ema_net"]["fc.weight"], got["ema_net"]["head"])
     assert got["every_dtype"]["bfloat16"].dtype == ml_dtypes.bfloat16
+
+
+@pytest.mark.parametrize("advice", ["taken", "refused", "missing"])
+def test_big_records_go_out_piece_by_piece_with_their_write_back_started(
+    tmp_path, monkeypatch, advice
+) -> None:
+    """Pieces CRC'd one after another (zipfile checks the CRCs), and the write-back of every
+    ``_WRITE_BACK`` bytes started, in order; advice that is refused or missing (no
+    ``posix_fadvise``) changes nothing in the file."""
+    asked: list[tuple[int, int, int]] = []
+
+    def fadvise(fd: int, offset: int, length: int, what: int) -> None:
+        asked.append((offset, length, what))
+        if advice == "refused":
+            raise OSError(22, "Invalid argument")
+
+    if advice == "missing":
+        monkeypatch.delattr(os, "posix_fadvise", raising=False)
+    else:
+        monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    path, checkpoint = write_in_small_pieces(tmp_path, monkeypatch)
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None
+        assert z.read("ckpt/data/0") == checkpoint["w"].tobytes()
+    assert_same(interop.read_checkpoint(path), checkpoint)
+    if advice != "missing":
+        assert [what for _, _, what in asked] == [os.POSIX_FADV_DONTNEED] * len(asked)
+        ends = [offset + length for offset, length, _ in asked]
+        assert [offset for offset, _, _ in asked] == [0, *ends[:-1]]
+        assert all(length >= 4096 for _, length, _ in asked)
+        assert ends[-1] <= path.stat().st_size
 
 
 class Version(str):

@@ -8,12 +8,17 @@ numpy arrays (no torch; goal at most 1.0x), ``interop.save_checkpoint`` of the F
 ``interop.read_checkpoint`` against ``torch.load(mmap=True, weights_only=True)`` (goal at most
 1.0x); ``interop.load_checkpoint`` against ``torch.load(mmap=True)`` with the transposing copy
 each kernel needs.
+
+The rows run round-robin, ``--repeats`` rounds after a warm-up one. A row's ms is its median
+over the rounds, its ratio the median of its ratios to its reference in the same round (a busy
+spell on a shared machine slows both alike), the lowest and highest in brackets.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -56,7 +61,7 @@ def measure(megabytes: int, repeats: int, folder: str) -> list[Row]:
 
     Args:
       megabytes: the weights' size.
-      repeats: timed runs per row.
+      repeats: timed rounds (every row once each, round-robin).
       folder: where the files go.
 
     Returns:
@@ -109,7 +114,6 @@ def measure(megabytes: int, repeats: int, folder: str) -> list[Row]:
             None,
         ),
     ]
-    seconds = time_cases(saves, repeats, warmup=1)
     loads = [
         Case(
             "(i) torch.load(mmap=True, weights_only=True) of torch.save's file",
@@ -128,8 +132,11 @@ def measure(megabytes: int, repeats: int, folder: str) -> list[Row]:
             None,
         ),
     ]
-    seconds |= time_cases(loads, repeats, warmup=1)
-    return _rows(seconds, megabytes)
+    rounds = [
+        time_cases(saves, 1, warmup=int(i == 0)) | time_cases(loads, 1, warmup=int(i == 0))
+        for i in range(repeats)
+    ]
+    return _rows(rounds, megabytes)
 
 
 # Each row's reference (by position) and its goal, if it has one.
@@ -137,18 +144,22 @@ _REFERENCES = [(0, None), (0, "write"), (0, "save"), (0, None), (4, None), (4, "
 _REFERENCES += [(6, None)]
 
 
-def _rows(seconds: dict[str, float], megabytes: int) -> list[Row]:
-    names = list(seconds)
+def _rows(rounds: list[dict[str, float]], megabytes: int) -> list[Row]:
+    names = list(rounds[0])
     rows = []
     for name, (reference, goal) in zip(names, _REFERENCES, strict=True):
-        ratio = seconds[name] / seconds[names[reference]]
-        rate = f"{megabytes / 1e3 / seconds[name]:.2f} GB/s, {ratio:.2f}x reference"
+        seconds = statistics.median(r[name] for r in rounds)
+        ratios = [r[name] / r[names[reference]] for r in rounds]
+        ratio = statistics.median(ratios)
+        rate = f"{megabytes / 1e3 / seconds:.2f} GB/s, {ratio:.2f}x reference"
+        if len(rounds) > 1 and name != names[reference]:
+            rate += f" ({min(ratios):.2f}-{max(ratios):.2f})"
         if goal is None:
-            rows.append(Row(name, 1e3 * seconds[name], rate))
+            rows.append(Row(name, 1e3 * seconds, rate))
         else:
             target = "torch.save" if goal != "read" else "torch.load"
             met = ratio <= GOALS[goal]
-            rows.append(Row(name, 1e3 * seconds[name], rate, f"<= {GOALS[goal]}x {target}", met))
+            rows.append(Row(name, 1e3 * seconds, rate, f"<= {GOALS[goal]}x {target}", met))
     return rows
 
 
@@ -162,12 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       The exit status: 0, or 1 without torch (one line on stderr).
 
     Example:
+      >>> import torch  # the example's table needs it
       >>> main(["--repeats", "1", "--megabytes", "1"])  # doctest: +ELLIPSIS
       | row | ms | ...
       0
     """
     parser = Parser(prog="jema bench-interop", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per row")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed rounds")
     parser.add_argument("--megabytes", type=positive_int, default=360, help="size of the weights")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("torch") is None:
