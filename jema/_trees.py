@@ -131,13 +131,15 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
       dtype: a floating dtype.
 
     Returns:
-      float32 for 16-bit floats, ``dtype`` otherwise.
+      float32 for 8-, 16- and 32-bit floats (jax promotes no float8 implicitly), ``dtype``
+      for wider ones.
 
     Example:
-      >>> compute_dtype(jnp.bfloat16)
-      dtype('float32')
+      >>> compute_dtype(jnp.bfloat16), compute_dtype(jnp.float8_e4m3fn)
+      (dtype('float32'), dtype('float32'))
     """
-    return jnp.promote_types(dtype, jnp.float32)
+    dtype = jnp.dtype(dtype)
+    return dtype if jnp.finfo(dtype).bits > 32 else jnp.dtype(jnp.float32)
 
 
 def copy_floating(tree: Any, dtype: Any = None, *, at_least: bool = False) -> Any:
@@ -163,10 +165,19 @@ def copy_floating(tree: Any, dtype: Any = None, *, at_least: bool = False) -> An
         x = jnp.asarray(x)
         target = None
         if dtype is not None and is_floating(x.dtype):
-            target = jnp.promote_types(x.dtype, dtype) if at_least else dtype
+            target = _wider(x.dtype, dtype) if at_least else dtype
         return jnp.array(x, dtype=target, copy=True)
 
     return jax.tree.map(copy, tree, is_leaf=is_none)
+
+
+def _wider(a: Any, b: Any) -> jnp.dtype:
+    """jax's promotion of two floating dtypes, and for a float8 (which jax promotes with
+    nothing) the one with more bits."""
+    bits_a, bits_b = jnp.finfo(a).bits, jnp.finfo(b).bits
+    if 8 in (bits_a, bits_b):
+        return jnp.dtype(a if bits_a > bits_b else b)
+    return jnp.promote_types(a, b)
 
 
 def shared_float_dtype(tree: Any) -> jnp.dtype | None:

@@ -80,6 +80,31 @@ def test_bf16_params_with_a_float32_ema():
     np.testing.assert_allclose(got, replay(bf16, (0.10,))[0.10], rtol=1e-6)
 
 
+@pytest.mark.parametrize("ema_dtype", [None, jnp.float32])
+def test_float8_params_average_in_float32(ema_dtype):
+    fp8 = jnp.float8_e4m3fn
+    trajectory = [np.linspace(-2, 2, 5) * (1 + i / 8) for i in range(12)]
+    tx = jema.power_ema((0.10,), ema_dtype=ema_dtype)
+    state = tx.init({"w": jnp.zeros(5, fp8)})
+    state = jema.attach_batch_stats(state, {"mean": jnp.zeros(5, jnp.float32)})
+    for weights in trajectory:
+        params = {"w": jnp.asarray(weights, fp8)}
+        stats = {"mean": jnp.asarray(weights, jnp.float32)}
+        _, state = tx.update({"w": jnp.zeros(5, fp8)}, state, params, batch_stats=stats)
+    got = jema.ema_params(state)["w"]
+    assert got.dtype == (ema_dtype or fp8)
+    assert jema.ema_batch_stats(state)["mean"].dtype == jnp.float32  # never narrowed to float8
+    fp8_path = [np.asarray(jnp.asarray(w, fp8), np.float64) for w in trajectory]
+    expected = replay(fp8_path, (0.10,))[0.10]
+    if ema_dtype is None:  # each step rounds the EMA to float8: replay that rounding
+        expected = np.asarray(fp8_path[0])
+        for t, weights in enumerate(fp8_path[1:], start=2):
+            beta = (1 - 1 / t) ** (FACT_GAMMAS[0.10] + 1)
+            mixed = np.float32(beta) * expected.astype(np.float32) + np.float32(1 - beta) * weights
+            expected = np.asarray(jnp.asarray(mixed.astype(np.float32), fp8), np.float64)
+    np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=1e-6)
+
+
 def test_readers_pick_a_width_and_list_the_tracked_ones():
     state = jema.power_ema((0.10, 0.05)).init({"w": jnp.ones(2)})
     with pytest.raises(
