@@ -152,29 +152,25 @@ def ema_count(opt_state: Any) -> jax.Array:
     return find_ema_state(opt_state).count
 
 
-def check_attached(stats: Any, given: str, attach: str) -> None:
+def check_attached(stats: Any, given: str, fix: str) -> None:
     """The one rule for statistics: the EMA averages them only once they were attached.
 
     Args:
       stats: the statistics the EMA holds, None when none were attached.
       given: what brought statistics to the EMA, for the message.
-      attach: the call that attaches them, as the user would write it.
+      fix: how the user attaches them, in the words of the API they use.
 
     Raises:
-      ValueError: ``{given} but the EMA holds no batch_stats: call {attach} once ...`` when
-        ``stats`` is None.
+      ValueError: ``{given} but the EMA holds no batch_stats: {fix}.`` when ``stats`` is None.
 
     Example:
-      >>> check_attached(None, "stats were given", "jema.attach_batch_stats")  # doctest: +ELLIPSIS
+      >>> check_attached(None, "stats were given", "attach them")
       Traceback (most recent call last):
       ...
-      ValueError: stats were given but the EMA holds no batch_stats: call jema.attach_batch_stats...
+      ValueError: stats were given but the EMA holds no batch_stats: attach them.
     """
     if stats is None:
-        raise ValueError(
-            f"{given} but the EMA holds no batch_stats: call {attach} once, after the "
-            "optimizer's init and before the first update."
-        )
+        raise ValueError(f"{given} but the EMA holds no batch_stats: {fix}.")
 
 
 def attach_batch_stats(opt_state: Any, batch_stats: Any) -> Any:

@@ -183,7 +183,7 @@ def _has_batch_stats(optimizer: nnx.Optimizer, model: nnx.Module) -> bool:
     _state.check_attached(
         _state.find_ema_state(optimizer.opt_state).batch_stats,
         f"{type(model).__name__} has nnx.BatchStat variables",
-        "jema.nnx.attach_batch_stats(optimizer, model)",
+        "call jema.nnx.attach_batch_stats(optimizer, model) once after building the optimizer",
     )
     return True
 
