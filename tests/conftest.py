@@ -42,8 +42,8 @@ LEFT_OUT: list[str] = []  # test modules built on torch, not collected without i
 
 
 def pytest_configure(config):
-    """Without torch (e.g. on Python 3.12, where PyPI's torch is a multi-GB CUDA build), the
-    suite runs what does not need it and says what it left out. A plugin, not hooks of this
+    """Without torch (CI's Python 3.13 leg: PyPI's torch is a multi-GB CUDA build), the suite
+    runs what does not need it and says what it left out. A plugin, not hooks of this
     conftest, so that it rules the package's doctests too (a conftest's own collection and
     report hooks reach only the files below it)."""
     if TORCH_MISSING:

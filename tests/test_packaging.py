@@ -1,6 +1,7 @@
 """The wheel and sdist build without a warning, hold the library only, and the wheel alone
 (no torch) installs into a clean venv where jema and interop's safetensors paths work."""
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -94,3 +95,13 @@ def test_the_wheel_alone_installs_into_a_clean_venv_without_torch(dist, tmp_path
         [python, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=False
     )
     assert result.stdout.strip() == "ok", result.stdout + result.stderr
+
+
+def test_the_test_extra_brings_jupyter_nbconvert_to_run_the_notebooks():
+    requires = importlib.metadata.requires("jema") or []
+    extra = [r for r in requires if r.replace('"', "'").endswith("extra == 'test'")]
+    assert any(r.startswith("nbconvert") for r in extra), extra
+    result = subprocess.run(
+        [sys.executable, "-m", "nbconvert", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.strip()[0].isdigit(), result.stderr
