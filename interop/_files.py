@@ -1,8 +1,10 @@
-"""Bytes on disk: writing files atomically, and safetensors files read and written as numpy
-arrays (no PyTorch needed)."""
+"""Bytes on disk: writing files and folders atomically, and safetensors files read and written
+as numpy arrays (no PyTorch needed)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import json
@@ -200,21 +202,10 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     if _is_special(target, path):  # a FIFO or a device: a rename would replace it with a file
         _write_in_place(path, target, write)
         return
-    folder, name = os.path.split(target)
-    prefix = _temp_prefix(name)
-    try:
-        for stale in os.listdir(folder):
-            if stale.startswith(prefix) and stale.endswith(".tmp"):
-                os.unlink(os.path.join(folder, stale))
-        temp = os.path.join(folder, f"{prefix}{secrets.token_hex(8)}.tmp")
-        # Created as open(path, "wb") creates files, so the umask (and default ACLs) apply.
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:
-        raise _naming(path, e) from e
-    try:
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)
-    finally:
-        os.close(fd)
+    folder = os.path.dirname(target)
+    # Created as open(path, "wb") creates files, so the umask (and default ACLs) apply.
+    temp = _temp_beside(path, target, _create)
+    mode = stat.S_IMODE(os.stat(temp).st_mode)
     try:
         if os.path.exists(target):
             mode = stat.S_IMODE(os.stat(target).st_mode)
@@ -231,6 +222,109 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         raise
     if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
         _fsync(folder, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def write_folder_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+    """Writes a folder whole or not at all: ``write(temp)`` fills a new hidden sibling folder,
+    which then takes the name (a folder already there is replaced).
+
+    Every file ``write`` makes must reach the disk itself (``write_atomic`` does); the
+    temporary folder is synced, renamed, and the parent synced. An existing folder is swapped
+    with the new one in one step (``renameat2(RENAME_EXCHANGE)`` on Linux) and then removed;
+    where the OS or file system cannot swap, it is first renamed away and there is a moment with
+    no folder under the name. A symlink is written through to its target. Temporary folders are
+    named ``.<name>.<digest of name>.<random>.tmp`` (the new one while it is written; the old
+    one while it is removed), so what a killed save leaves is hidden and removed by the next
+    save to the same path: a crash before the swap leaves the old folder as it was, one after it
+    the new folder complete (with the old one, hidden, beside it until then).
+
+    Args:
+      path: the folder to write.
+      write: fills the (empty) folder it is given.
+
+    Raises:
+      OSError: naming ``path`` when the parent is not writable or the write fails; ``path`` is
+        then left as it was and no temporary folder remains. Whatever else ``write`` raises
+        passes through, with the same guarantee.
+
+    Example:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as parent:
+      ...     path = os.path.join(parent, "model")
+      ...     write_folder_atomic(path, lambda temp: open(os.path.join(temp, "a"), "w").close())
+      ...     os.listdir(parent), os.listdir(path)
+      (['model'], ['a'])
+    """
+    path = os.fspath(path).rstrip("/" + (os.altsep or "")) or os.fspath(path)
+    target = os.path.realpath(path)
+    parent = os.path.dirname(target)
+    temp = _temp_beside(path, target, lambda new: os.mkdir(new, 0o777))
+    try:
+        if os.path.isdir(target):
+            os.chmod(temp, stat.S_IMODE(os.stat(target).st_mode))
+        write(temp)
+        _fsync(temp, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        if not os.path.isdir(target):
+            os.rename(temp, target)
+        elif not _exchange(temp, target):
+            old = os.path.join(
+                parent, f"{_temp_prefix(os.path.basename(target))}{secrets.token_hex(8)}.tmp"
+            )
+            os.rename(target, old)
+            os.rename(temp, target)
+            temp = old
+        if hasattr(os, "O_DIRECTORY"):
+            _fsync(parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise _naming(path, e) from e
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    shutil.rmtree(temp, ignore_errors=True)  # the old folder, now under the temporary name
+
+
+def _temp_beside(path: str, target: str, make: Callable[[str], object]) -> str:
+    """A new temporary path next to ``target``, made by ``make``, once what killed saves to
+    ``target`` left there (files or folders) is removed; errors name ``path``."""
+    parent, name = os.path.split(target)
+    prefix = _temp_prefix(name)
+    try:
+        for stale in os.listdir(parent):
+            if stale.startswith(prefix) and stale.endswith(".tmp"):
+                left = os.path.join(parent, stale)
+                if os.path.isdir(left) and not os.path.islink(left):
+                    shutil.rmtree(left)
+                else:
+                    os.unlink(left)
+        temp = os.path.join(parent, f"{prefix}{secrets.token_hex(8)}.tmp")
+        make(temp)
+    except OSError as e:
+        raise _naming(path, e) from e
+    return temp
+
+
+def _create(path: str) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swaps two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS
+    or the file system cannot."""
+    libc = (
+        ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if os.name == "posix" else None
+    )
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if done == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), b)
 
 
 def _is_special(target: str, path: str) -> bool:

@@ -1,4 +1,4 @@
-"""A plain-text summary of a checkpoint file, for ``jema inspect CKPT``."""
+"""A plain-text summary of a checkpoint file or Hugging Face folder, for ``jema inspect CKPT``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from interop._dtypes import as_numpy, is_array
 from interop._files import is_safetensors, read_safetensors
+from interop._hf import is_folder, read_folder
 from interop._report import few
 from interop._schema import BARE, MARKER, TIES, read_checkpoint, sections
 
@@ -27,8 +28,11 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
     order (the format keeps none; values that are JSON, as ``save_checkpoint`` writes them,
     decoded), except the ``jema.sections`` and ``jema.tied`` records the sections reflect.
 
+    A Hugging Face folder (or its ``*.index.json``) is read as ``load_checkpoint`` reads it;
+    its first line counts its weight files and their bytes.
+
     Args:
-      path: a ``.pth``/``.pt`` or ``.safetensors`` file.
+      path: a ``.pth``/``.pt`` or ``.safetensors`` file, or a Hugging Face folder.
 
     Returns:
       The report, one item per line.
@@ -36,7 +40,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
     Raises:
       OSError: when the file cannot be opened.
       ValueError: naming the file when it is unreadable, unsafe or not a dict, or a section
-        does not map names to tensors.
+        does not map names to tensors; for a bad folder, as ``load_checkpoint``.
 
     Example:
       >>> import os, tempfile
@@ -49,7 +53,12 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{os.fspath(path)} holds a {type(checkpoint).__name__}, not a dict")
-    lines = [f"{os.fspath(path)} ({os.path.getsize(path):,} bytes)"]
+    if is_folder(path):
+        files = read_folder(path).files
+        size = sum(os.path.getsize(file) for file in files)
+        lines = [f"{os.fspath(path)} (Hugging Face folder: {len(files)} files, {size:,} bytes)"]
+    else:
+        lines = [f"{os.fspath(path)} ({os.path.getsize(path):,} bytes)"]
     found = sections(checkpoint, path)
     for name, state_dict in found.items():
         lines.append(f"{name}: {_summary(state_dict)}")
@@ -65,8 +74,12 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
 
 
 def _metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A safetensors file's own metadata by key, JSON values decoded; {} for a ``.pth``."""
-    metadata = read_safetensors(path)[1] if is_safetensors(path) else {}
+    """A safetensors file's (or folder's shards') own metadata by key, JSON values decoded; {}
+    for a ``.pth``."""
+    if is_folder(path):
+        metadata = read_folder(path).metadata
+    else:
+        metadata = read_safetensors(path)[1] if is_safetensors(path) else {}
     return {k: _decoded(v) for k, v in sorted(metadata.items()) if k not in (MARKER, TIES)}
 
 

@@ -1,6 +1,7 @@
 """SuperGradients' checkpoint schema: the ``net`` and ``ema_net`` sections, bare state_dicts,
-and, in safetensors files, ``<section>.<key>`` names, the ``jema.sections`` marker and the
-``jema.tied`` record of tied keys (the format cannot share a tensor between keys)."""
+and, in safetensors files and Hugging Face folders, ``<section>.<key>`` names, the
+``jema.sections`` marker and the ``jema.tied`` record of tied keys (the format cannot share a
+tensor between keys)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from interop._dtypes import is_array
 from interop._files import is_safetensors, read_safetensors
+from interop._hf import is_folder, read_folder
 from interop._leftovers import same_bits
 from interop._names import all_under
 from interop._pth import read_pth
@@ -25,7 +27,8 @@ TIES = "jema.tied"  # safetensors metadata: JSON {alias key: source key} of keys
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:
-    """Reads a checkpoint file the safe way, as SuperGradients lays it out.
+    """Reads a checkpoint file or a Hugging Face folder the safe way, as SuperGradients lays
+    it out.
 
     A safetensors file becomes sections (``{"net": {...}, "ema_net": {...}}``, keys without
     their ``<section>.``) when its metadata has the ``jema.sections`` marker ``save_checkpoint``
@@ -37,8 +40,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     arrays for tensors and without PyTorch (``read_pth``: read-only, memory-mapped, safe by
     construction); a safetensors file as numpy arrays too (``read_safetensors``).
 
+    A Hugging Face folder (a directory, or its ``*.index.json``) is read as ``from_pretrained``
+    picks its files (``interop._hf.read_folder``): its shards merged into one memory-mapped
+    state_dict, then split into sections as one safetensors file would be (a folder
+    ``save_checkpoint`` wrote with ``ema_net`` holds ``net.``/``ema_net.`` keys).
+
     Args:
-      path: a ``torch.save`` file or a safetensors file (told apart by content, not name).
+      path: a ``torch.save`` file or a safetensors file (told apart by content, not name), or
+        a Hugging Face folder.
 
     Returns:
       What the file holds: usually a dict of sections and other entries, or a state_dict.
@@ -46,7 +55,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     Raises:
       OSError: when the file cannot be opened.
       ValueError: naming the file when it is unreadable, unsafe (naming the globals it needs),
-        or its marker lists sections other than ``net`` and ``ema_net``.
+        or its marker lists sections other than ``net`` and ``ema_net``; for a folder, as
+        ``read_folder`` (naming the folder and the file).
 
     Example:
       >>> import tempfile
@@ -57,9 +67,18 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
       ...     read_checkpoint(path)
       {'net': {'w': array([1.], dtype=float32)}}
     """
+    if is_folder(path):
+        folder = read_folder(path)
+        return _sectioned(folder.state_dict, folder.metadata, path)
     if not is_safetensors(path):
         return read_pth(path)
-    content, metadata = read_safetensors(path)
+    return _sectioned(*read_safetensors(path), path)
+
+
+def _sectioned(
+    content: dict[str, Any], metadata: Mapping[str, str], path: str | os.PathLike[str]
+) -> Any:
+    """Flat ``<section>.<key>`` tensors as sections, by the marker or the keys, ties restored."""
     try:
         tied = json.loads(metadata.get(TIES, "{}"))
         for alias, source in tied.items():  # one array again, where the bits still agree

@@ -77,7 +77,11 @@ def _run(argv: Sequence[str] | None) -> int:
         commands.add_parser(name, help=f"{help_text}; see jema {name} --help", add_help=False)
 
     inspect = _command(commands, "inspect", "describe a PyTorch/safetensors checkpoint")
-    inspect.add_argument("checkpoint", help="path to a .pth/.pt or .safetensors file")
+    inspect.add_argument(
+        "checkpoint",
+        help="path to a .pth/.pt or .safetensors file, or a Hugging Face folder "
+        "(model.safetensors or pytorch_model.bin, or shards and their *.index.json)",
+    )
 
     demo = _command(commands, "demo", "train a digits CNN with EMA; plot, checkpoints, .pth")
     defaults = DemoConfig()
