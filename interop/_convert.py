@@ -10,8 +10,6 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack, overload
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from interop._dtypes import as_numpy, is_array, numpy_dtype, to_torch
@@ -27,6 +25,7 @@ from interop._leftovers import conflicts, sort_leftovers
 from interop._match import Pairing, Unit, pair, units
 from interop._names import Rename, match_key, usable_names
 from interop._report import Converted, Problems, few
+from interop._sharded import to_jax
 from interop._torch import is_module, require
 from interop._tree import Flat, flatten
 from interop._types import StateDict, TorchTemplate, Variables
@@ -95,6 +94,19 @@ def torch_to_flax(
     tensor only PyTorch stores (``num_batches_tracked``, integer index tables and masks,
     sinusoidal position tables); the report notes both.
 
+    A template leaf whose sharding spans several devices (``jax.ShapeDtypeStruct(shape, dtype,
+    sharding=NamedSharding(mesh, spec))``, a sharded ``jax.Array``, an nnx abstract state from
+    ``nnx.get_abstract_model``; an abstract mesh is resolved by ``jax.set_mesh``) is filled with
+    a ``jax.Array`` of exactly that sharding, built shard by shard: each process copies from the
+    source, through the layout's transpose, only the blocks its addressable devices hold, one
+    copy per distinct block (a replicated leaf is read once per process). From a file's memory
+    map (``read_checkpoint``: safetensors, a ``.pth`` of either format) the pages each copied
+    chunk touched are let go, so a process's memory grows by its shards, not by the file; deflated
+    ``.pth`` records and big-endian files are whole copies in memory already. A ``flattened``
+    kernel is reordered whole (one tensor at a time) before it is split. In multi-process jobs
+    every process calls this with the same template. Leaves without a sharding, or on one device,
+    are loaded whole onto the default device.
+
     Args:
       state_dict: PyTorch names -> tensors, or numpy arrays (e.g. read from a safetensors file
         without PyTorch); a ``module.`` prefix on every key is dropped.
@@ -120,15 +132,19 @@ def torch_to_flax(
 
     Returns:
       The template's structure (linen: dicts; nnx: an ``nnx.State`` for ``nnx.update``) holding
-      jax arrays, or numpy arrays for dtypes JAX cannot hold as is (float64 with x64 off).
+      jax arrays (with the template leaf's sharding where it has one), or numpy arrays for
+      dtypes JAX cannot hold as is (float64 with x64 off).
 
     Raises:
       ValueError: listing every missing, unexpected, mis-shaped or mis-typed key (strict);
         for ``match_by_order`` with a sorted template as above, naming a pair; for a
-        ``flattened`` key that names no Linear weight, or a shape of the wrong size.
+        ``flattened`` key that names no Linear weight, or a shape of the wrong size; naming
+        the leaf whose sharding cannot hold it (a spec that does not divide its shape, an
+        abstract mesh no ``jax.set_mesh`` makes concrete, float64 with x64 off).
       TypeError: for a template, state_dict or ``flattened`` of the wrong kind.
 
     Example:
+      >>> import jax.numpy as jnp
       >>> sd = {"fc.weight": np.ones((3, 2), np.float32), "fc.bias": np.zeros(3, np.float32)}
       >>> tmpl = {"params": {"fc": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}}}
       >>> torch_to_flax(sd, tmpl)["params"]["fc"]["kernel"].shape
@@ -471,14 +487,8 @@ def _unit_to_flax(
                 "(pass cast=True to convert)"
             )
             return None
-        out.append(_to_jax(array.astype(want, copy=False)))
+        out.append(to_jax(array, want, leaf.value, leaf.label))
     return out
-
-
-def _to_jax(array: np.ndarray) -> Any:
-    if jax.dtypes.canonicalize_dtype(array.dtype) == array.dtype:
-        return jnp.asarray(array)
-    return np.array(array, order="C", copy=True)
 
 
 def _template_state_dict(torch_template: Any) -> tuple[StateDict, frozenset[str]]:
