@@ -27,7 +27,7 @@ WEIGHTS_NAME = "pytorch_model.bin"
 WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 # from_pretrained's order: the first of these a folder holds is what it loads.
 SOURCES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
-FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")  # what names a file to save
+FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")  # the usual suffixes, for messages
 FORMAT = {"format": "pt"}  # the metadata save_pretrained gives safetensors shards
 _WRITTEN = re.compile(
     r"(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)(\.index\.json)?"
@@ -185,8 +185,9 @@ def is_folder_target(path: str | os.PathLike[str]) -> bool:
     """Whether ``save_checkpoint`` writes ``path`` as a Hugging Face folder, never by a guess.
 
     A folder: an existing directory, or a path ending with a separator (``"out/bert/"``). A
-    file: an existing file (also a device or FIFO), or a name ending in ``.pth``, ``.pt``,
-    ``.bin``, ``.ckpt`` or ``.safetensors``. Anything else is refused.
+    file: an existing file (also a device or FIFO), or a name with a suffix (``.pth``,
+    ``.safetensors``, ``.pth.tar``, as ``torch.save`` takes any). A new name without a suffix
+    is refused.
 
     Args:
       path: where to save.
@@ -198,17 +199,18 @@ def is_folder_target(path: str | os.PathLike[str]) -> bool:
       ValueError: naming ``path`` when it is neither, with both spellings to choose from.
 
     Example:
-      >>> is_folder_target("out/bert/"), is_folder_target("out/ckpt.pth")
+      >>> is_folder_target("out/bert/"), is_folder_target("out/ckpt.pth.tar")
       (True, False)
     """
     text = os.fspath(path)
     if text.endswith(tuple(filter(None, (os.sep, os.altsep)))) or os.path.isdir(text):
         return True
-    if os.path.lexists(text) or text.endswith(FILE_SUFFIXES):
+    if os.path.lexists(text) or os.path.splitext(os.path.basename(text))[1]:
         return False
     raise ValueError(
-        f"{text!r} is neither a file name ({', '.join(FILE_SUFFIXES)}) nor a folder (an "
-        f"existing directory or a path ending with {os.sep!r}): add a suffix to write one file, "
+        f"{text!r} is neither a file name (one with a suffix, e.g. {', '.join(FILE_SUFFIXES)}) "
+        f"nor a folder (an existing directory or a path ending with {os.sep!r}): add a suffix "
+        "to write one file, "
         f"or write {text + os.sep!r} for a Hugging Face folder"
     )
 

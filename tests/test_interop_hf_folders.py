@@ -182,6 +182,9 @@ def test_a_folder_without_weights_is_refused_listing_what_it_holds(tmp_path) -> 
 def test_paths_that_are_not_clearly_a_file_or_a_folder_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="is neither a file name .* nor a folder"):
         interop.save_checkpoint(tmp_path / "model", net=NET)
+    interop.save_checkpoint(tmp_path / "model_best.pth.tar", net=NET)  # torch.save takes any name
+    assert set(interop.read_checkpoint(tmp_path / "model_best.pth.tar")) == {"net"}
+    os.remove(tmp_path / "model_best.pth.tar")
     with pytest.raises(ValueError, match="is a file: format=, max_shard_size= and overwrite="):
         interop.save_checkpoint(tmp_path / "ckpt.pth", net=NET, max_shard_size="1KB")
     with pytest.raises(ValueError, match=r"holds tensors only; got the entries \['epoch'\]"):
