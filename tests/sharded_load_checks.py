@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -128,8 +129,9 @@ def _plain(tree: Any) -> dict[str, Any]:
 
 def refusals(file: Path) -> dict[str, str]:
     """What loading ``file`` (a ``fc.weight`` (8, 10) and ``fc.bias`` (8,)) says for each
-    template sharding that cannot be honoured, and the spec an abstract mesh gets inside
-    ``jax.set_mesh``."""
+    template sharding that cannot be honoured; whether the spec an abstract mesh gets inside
+    ``jax.set_mesh`` is the concrete one, and a sharded ``cast=True`` load to bfloat16 gives
+    the unsharded one's shards."""
     mesh = jax.make_mesh(tuple(AXES.values()), tuple(AXES))
 
     def template(kernel: Any, dtype: Any = np.float32) -> dict[str, Any]:
@@ -149,7 +151,12 @@ def refusals(file: Path) -> dict[str, str]:
     with jax.set_mesh(mesh):
         inside = interop.load_checkpoint(file, template(kernel))["params"]["fc"]["kernel"]
     wide = jax.ShapeDtypeStruct((10, 8), np.float64, sharding=NamedSharding(mesh, P("x")))
+    half = jax.ShapeDtypeStruct((10, 8), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "y")))
+    cast = interop.load_checkpoint(file, template(half, jnp.bfloat16), cast=True)
+    fc = {"kernel": jnp.zeros((10, 8), jnp.bfloat16), "bias": jnp.zeros(8, jnp.bfloat16)}
+    want = interop.load_checkpoint(file, {"params": {"fc": fc}}, cast=True)
     return {
+        "cast_equal": compare(cast, template(half, jnp.bfloat16), want)["wrong"] == [],
         "uneven": said(template(uneven)),
         "abstract": said(template(kernel)),
         "float64": said(template(wide, np.float64), cast=True),

@@ -87,7 +87,7 @@ def test_nnx_abstract_models_load_with_their_annotated_shardings(checked, kind, 
         assert back[key].dtype == array.dtype and back[key].tobytes() == array.tobytes(), key
 
 
-def test_shardings_that_cannot_be_honoured_are_refused_naming_the_leaf(checked):
+def test_shardings_that_cannot_be_honoured_are_refused_naming_the_leaf_others_load(checked):
     _, facts = checked
     said = facts["refusals"]
     assert "params/fc/kernel (10, 8): the template's sharding cannot hold it" in said["uneven"]
@@ -97,6 +97,7 @@ def test_shardings_that_cannot_be_honoured_are_refused_naming_the_leaf(checked):
     assert "params/fc/kernel: float64 in the template" in said["float64"]
     assert "jax_enable_x64" in said["float64"]
     assert said["abstract_inside_set_mesh"] == "True"
+    assert said["cast_equal"] is True
 
 
 def test_templates_on_one_device_load_as_before(tmp_path):
