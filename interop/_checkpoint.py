@@ -182,7 +182,8 @@ def save_checkpoint(
     hidden ``.<name>.<digest>.<random>.tmp`` that the next save to the same path removes.
 
     A folder (an existing directory, or a path ending with ``/``; a file is an existing file or
-    a name with a suffix, ``.pth.tar`` too; a new name without a suffix is refused) is written as a Hugging Face folder that ``from_pretrained`` loads:
+    a name with a suffix, ``.pth.tar`` too; a new name without a suffix is refused) is written
+    as a Hugging Face folder that ``from_pretrained`` loads:
     ``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` shards of at most
     ``max_shard_size`` and ``model.safetensors.index.json``, split as ``save_pretrained``
     splits; ``format="pth"`` writes ``pytorch_model.bin`` or its shards and
