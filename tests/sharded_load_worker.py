@@ -5,13 +5,15 @@
 by ``interop.save_checkpoint``) into ``template(mesh)``, measure the peak resident memory the
 load adds (``VmHWM`` after it, reset by ``/proc/self/clear_refs`` before it, minus ``VmRSS``
 before it), then check each addressable shard against ``variables`` (the values the file was
-written from) and write ``OUT`` (JSON): the rise in bytes, the bytes of this process's shards,
+written from), save what it loaded into one folder with every process (``saved_folder``), and
+write ``OUT`` (JSON): the rise in bytes, the bytes of this process's shards,
 and the shards that differ.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,11 @@ def template(megabytes: int, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     return {"params": params}
 
 
+def saved_folder(file: Path, num_processes: int) -> str:
+    """The folder the workers of a run save into (a trailing separator: a folder)."""
+    return f"{file}.{num_processes}.saved{os.sep}"
+
+
 def status(field: str) -> int:
     """A ``/proc/self/status`` memory field in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -105,6 +112,9 @@ def main(process_id: int, num_processes: int, port: int, file: Path, out: Path) 
                 want = values["params"][name][leaf][shard.index]
                 if np.asarray(shard.data).tobytes() != np.ascontiguousarray(want).tobytes():
                     wrong.append(f"{name}/{leaf}: device {shard.device.id}")
+    # Every process saves what it loaded into one Hugging Face folder: process 0 gathers one
+    # leaf at a time and writes, the others only take part in the gathers.
+    interop.save_checkpoint(saved_folder(file, num_processes), net=loaded, max_shard_size="40MB")
     result = {"rise": rise, "held": held, "wrong": wrong, "devices": jax.local_device_count()}
     out.write_text(json.dumps(result))
     if num_processes > 1:

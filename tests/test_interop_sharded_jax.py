@@ -156,6 +156,12 @@ def test_two_processes_each_hold_and_touch_only_their_shards(checkpoint):
     assert one["wrong"] == [] and [p["wrong"] for p in two] == [[], []]
     # Each process holds half of the shards (replicated leaves: 4 copies, not 8).
     assert [2 * p["held"] for p in two] == [one["held"]] * 2
+    # What every process saved together is the file, key for key and bit for bit.
+    source = interop.read_checkpoint(checkpoint)["net"]
+    for processes in (1, 2):
+        saved = interop.read_checkpoint(sharded_load_worker.saved_folder(checkpoint, processes))
+        assert sorted(saved) == sorted(source)
+        assert all(saved[k].tobytes() == np.ascontiguousarray(source[k]).tobytes() for k in saved)
     assert one["rise"] >= one["held"] > MEGABYTES * 1e6
     for process in two:
         # The memory it measures counts the shards it holds, and little more: the file's
