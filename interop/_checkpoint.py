@@ -15,8 +15,15 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from interop._convert import Options, state_dict, torch_to_flax
-from interop._files import save_safetensors, write_folder_atomic
-from interop._hf import check_replaceable, is_folder_target, shard_size, untied, write_folder
+from interop._files import is_safetensors, save_safetensors, write_folder_atomic
+from interop._hf import (
+    check_replaceable,
+    is_folder,
+    is_folder_target,
+    shard_size,
+    untied,
+    write_folder,
+)
 from interop._layouts import FeatureMaps
 from interop._names import Rename
 from interop._pth import write_pth
@@ -89,7 +96,8 @@ def load_checkpoint(
       ValueError: naming the file, for unreadable or unsafe files, a missing section, or
         mismatches (strict); for bad options, as ``torch_to_flax``; naming the folder and the
         file for a folder without weights, a malformed index, a missing shard or a key its
-        shard lacks.
+        shard lacks; for ``match_by_order`` with a safetensors file or a folder (their keys are
+        sorted, not in the module's order).
 
     Example:
       >>> import os, tempfile, jax.numpy as jnp
@@ -99,6 +107,13 @@ def load_checkpoint(
       >>> load_checkpoint(path, tmpl)["params"]["fc"]["bias"].shape
       (3,)
     """
+    if match_by_order and (is_folder(path) or (os.path.isfile(path) and is_safetensors(path))):
+        raise ValueError(
+            f"{os.fspath(path)}: match_by_order=True pairs keys in the file's order, and a "
+            "safetensors file or a Hugging Face folder keeps its keys sorted (and shards split), "
+            "not in the module's order; pass rename=... to map its keys to the Flax names, or "
+            "load a .pth written by torch.save(module.state_dict())"
+        )
     checkpoint = read_checkpoint(path)
     state_dict = pick_section(checkpoint, which, path)
     try:

@@ -224,7 +224,8 @@ def check_replaceable(folder: str | os.PathLike[str], overwrite: bool) -> None:
       overwrite: whether an existing folder may be replaced.
 
     Raises:
-      FileExistsError: naming the folder when it exists and ``overwrite`` is False.
+      FileExistsError: naming the folder when it exists, holds something, and ``overwrite`` is
+        False (an empty folder is written without it).
       ValueError: naming the folder and its first other entries (``config.json``, a
         subfolder) when it holds anything but the files ``save_checkpoint`` writes.
       NotADirectoryError: when ``folder`` is a file.
@@ -234,10 +235,13 @@ def check_replaceable(folder: str | os.PathLike[str], overwrite: bool) -> None:
       >>> check_replaceable(tempfile.mkdtemp(), overwrite=True)
     """
     folder = os.fspath(folder)
-    if not os.path.lexists(folder):
+    bare = folder.rstrip(os.sep + (os.altsep or "")) or folder  # "f.pth/" names the file f.pth
+    if not os.path.lexists(bare):
         return
-    if not os.path.isdir(folder):
+    if not os.path.isdir(bare):
         raise NotADirectoryError(20, "Not a folder: save_checkpoint writes a folder here", folder)
+    if not os.listdir(bare):  # an empty folder loses nothing
+        return
     if not overwrite:
         raise FileExistsError(
             17, "Folder exists: pass overwrite=True to replace it (atomically)", folder

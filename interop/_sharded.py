@@ -55,8 +55,9 @@ def to_jax(array: np.ndarray, dtype: np.dtype, like: Any, label: str) -> Any:
 
 
 def sharding_of(like: Any, label: str) -> Sharding | None:
-    """The sharding a template leaf asks for, or None where it is loaded whole (no sharding, or
-    a sharding on one device).
+    """The sharding a template leaf asks for, or None where it is loaded whole, as an
+    uncommitted array on the default device (no sharding, or one on the default device and its
+    default memory: a template from ``init`` or ``jax.eval_shape``).
 
     Args:
       like: a template leaf.
@@ -85,7 +86,15 @@ def sharding_of(like: Any, label: str) -> Sharding | None:
                 "stands for, or give the leaf NamedSharding(mesh, spec)"
             )
         sharding = NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
-    return sharding if len(sharding.device_set) > 1 else None
+    if len(sharding.device_set) > 1:
+        return sharding
+    (device,) = sharding.device_set
+    default = jax.devices()[0]
+    elsewhere = device != default or sharding.memory_kind not in (
+        None,
+        default.default_memory().kind,
+    )
+    return sharding if elsewhere else None
 
 
 def place(array: np.ndarray, dtype: np.dtype, sharding: Sharding, label: str) -> jax.Array:

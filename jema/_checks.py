@@ -73,7 +73,7 @@ def real_inside(x: Any, low: float, high: float) -> float | None:
       (0.5, None, None)
     """
     value = _real(x)
-    return value if value is not None and low < value < high else None
+    return float(value) if value is not None and low < value < high else None
 
 
 def check_number(
@@ -115,7 +115,7 @@ def check_number(
       ...
       ValueError: coeff must be a number in [0, 1); got 1.0
     """
-    message = f"{name} must {rule}; got {value!r}"
+    message = f"{name} must {rule}; got {_shown(value)}"
     real = _real(value)
     integer_typed = isinstance(value, numbers.Integral) or jnp.issubdtype(
         getattr(value, "dtype", float), jnp.integer
@@ -123,16 +123,19 @@ def check_number(
     if (
         real is None
         or (kind == "int" and not integer_typed)
-        or (kind == "whole" and not (integer_typed or real.is_integer()))
+        or (kind == "whole" and not (integer_typed or float(real).is_integer()))
     ):
         raise wrong_type(message)
     above = real >= low if closed in ("low", "both") else real > low
     below = real <= high if closed in ("high", "both") else real < high
     if not (above and below):
         raise ValueError(message)
-    if kind == "real":
-        return real
-    return int(value) if integer_typed else int(real)
+    if kind != "real":
+        return int(value) if integer_typed else int(real)
+    try:
+        return float(real)
+    except OverflowError:  # a Python int past any float
+        raise ValueError(message) from None
 
 
 def check_floating_dtype(dtype: Any, name: str, example: str) -> np.dtype:
@@ -170,19 +173,25 @@ def check_floating_dtype(dtype: Any, name: str, example: str) -> np.dtype:
     return checked
 
 
-def _real(x: Any) -> float | None:
-    """``x`` as a float when it is a real number or a real 0-d array, else None (Python ints
-    too big for a float are infinite)."""
+def _real(x: Any) -> float | int | None:
+    """``x`` as a float when it is a real number or a real 0-d array, a Python int as itself
+    (compared with the bounds exactly, whatever its size), else None (a tracer too: its value
+    is not known)."""
     if isinstance(x, bool) or not isinstance(x, (numbers.Real, np.ndarray, np.generic, jax.Array)):
         return None
+    if is_traced(x):
+        return None
     if isinstance(x, numbers.Integral) and not isinstance(x, (np.generic, jax.Array)):
-        try:
-            return float(x)
-        except OverflowError:
-            return math.inf if int(x) > 0 else -math.inf
+        return int(x)
     if getattr(x, "ndim", 0) != 0:
         return None
     dtype = np.asarray(x).dtype
     if not (jnp.issubdtype(dtype, jnp.integer) or is_floating(dtype)):
         return None
     return float(x)
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` for a message, its middle left out when it is long (a huge int)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:40]}...{text[-20:]} ({len(text)} characters)"

@@ -92,8 +92,8 @@ def ema_weights(
     """Evaluate on the EMA: swap its weights (and statistics) into ``model``, then restore.
 
     The raw values come back when the block ends, also when it raises. The arguments come in
-    flax's order, ``optimizer.update(model, grads)``'s: ``(model, optimizer)``, the order of
-    jema 0.x, still works this release, with a ``DeprecationWarning``.
+    flax's order, ``optimizer.update(model, grads)``'s: ``(model, optimizer)`` given
+    positionally, the order of jema 0.x, still works this release, with a ``DeprecationWarning``.
 
     Args:
       optimizer: an ``nnx.Optimizer`` built with :func:`jema.with_ema`.
@@ -126,8 +126,8 @@ def ema_weights(
 def finalize(optimizer: nnx.Optimizer, model: nnx.Module, sigma_rel: float | None = None) -> None:
     """SuperGradients' end-of-training swap, in place: the model takes the EMA's values.
 
-    ``(model, optimizer)``, the order of jema 0.x, still works this release, with a
-    ``DeprecationWarning``.
+    ``(model, optimizer)`` given positionally, the order of jema 0.x, still works this release,
+    with a ``DeprecationWarning``.
 
     Args:
       optimizer: an ``nnx.Optimizer`` built with :func:`jema.with_ema`.
@@ -169,9 +169,10 @@ def _in_order(
             stacklevel=stacklevel,
         )
         return second, first
-    if not isinstance(first, nnx.Optimizer):
+    if not isinstance(first, nnx.Optimizer) or not isinstance(second, nnx.Module):
         raise TypeError(
-            f"jema.nnx.{name} takes (optimizer, model) with an nnx.Optimizer first; got "
+            f"jema.nnx.{name} takes (optimizer, model): an nnx.Optimizer, then the nnx.Module it "
+            "trains; got "
             f"({type(first).__name__}, {type(second).__name__})"
         )
     return first, second

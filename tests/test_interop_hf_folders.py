@@ -194,6 +194,17 @@ def test_paths_that_are_not_clearly_a_file_or_a_folder_are_refused(tmp_path) -> 
     assert os.listdir(tmp_path) == []
 
 
+def test_an_empty_folder_is_written_and_a_file_is_never_taken_for_one(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    _save(tmp_path / "empty")  # nothing to lose: no overwrite=True needed
+    assert _same(interop.read_checkpoint(tmp_path / "empty"), TORCH, ordered=False)
+    (tmp_path / "f.pth").write_bytes(b"mine")
+    with pytest.raises(NotADirectoryError, match="Not a folder"):
+        _save(tmp_path / "f.pth")  # "f.pth/": refused before any conversion or write
+    assert (tmp_path / "f.pth").read_bytes() == b"mine"
+    assert sorted(os.listdir(tmp_path)) == ["empty", "f.pth"]
+
+
 def test_an_existing_folder_is_replaced_only_with_overwrite(tmp_path) -> None:
     folder = _save(tmp_path / "model", max_shard_size="1KB")
     before = {name: (tmp_path / "model" / name).read_bytes() for name in os.listdir(folder)}

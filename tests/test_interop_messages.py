@@ -258,3 +258,15 @@ def test_an_attention_mismatch_names_the_packed_layout() -> None:
         "query/key/value kernels (E, H, D) are in_proj_weight (3E, E) in three, transposed; out "
         "(H, D, E) is out_proj.weight (E, E) transposed\nNames match where shapes differ"
     ) in message
+
+
+def test_match_by_order_on_a_sorted_file_or_folder_is_refused(tmp_path):
+    net = {"params": {"fc": {"kernel": np.ones((2, 3), np.float32)}}}
+    file, folder = tmp_path / "ckpt.safetensors", f"{tmp_path}/hf/"
+    interop.save_checkpoint(file, net=net)
+    interop.save_checkpoint(folder, net=net)
+    for path in (file, folder):
+        with pytest.raises(ValueError, match="keeps its keys sorted .* pass rename="):
+            interop.load_checkpoint(path, net, match_by_order=True)
+    with pytest.raises(FileNotFoundError):
+        interop.load_checkpoint(tmp_path / "none.safetensors", net, match_by_order=True)

@@ -113,6 +113,11 @@ def test_templates_on_one_device_load_as_before(tmp_path):
         assert isinstance(got, jax.Array) and not got.committed
         assert got.sharding == SingleDeviceSharding(device)
         np.testing.assert_array_equal(got, kernel)
+    host = SingleDeviceSharding(device, memory_kind="pinned_host")  # another memory: honoured
+    leaf = jax.ShapeDtypeStruct((2, 3), np.float32, sharding=host)
+    got = interop.load_checkpoint(path, {"params": {"fc": {"kernel": leaf}}})["params"]["fc"]
+    assert got["kernel"].sharding == host and got["kernel"].committed
+    np.testing.assert_array_equal(got["kernel"], kernel)
 
 
 @pytest.fixture(scope="module", params=["safetensors", "pth"])

@@ -118,5 +118,8 @@ def test_the_four_functions_take_optimizer_then_model_and_the_old_order_warns():
     assert w[0].filename == __file__
     jax.tree.map(np.testing.assert_array_equal, pure(model), new_order)
     for call in (jema.nnx.finalize, lambda *a: jema.nnx.ema_weights(*a).__enter__()):
-        with pytest.raises(TypeError, match=r"takes \(optimizer, model\) with an nnx.Optimizer"):
-            call(model, model)
+        for args in ((model, model), (optimizer, optimizer)):
+            with pytest.raises(
+                TypeError, match=r"takes \(optimizer, model\): an nnx.Optimizer, then"
+            ):
+                call(*args)
