@@ -3,6 +3,7 @@ saving them back."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections import OrderedDict
@@ -219,8 +220,8 @@ def save_checkpoint(
     process calls ``save_checkpoint``; one leaf at a time is gathered to process 0, the only
     one that writes, and waits in a file of the temporary folder (disk, not memory, until the
     shards are written, one at a time; the folder briefly needs the model's size twice). Only
-    packed attention kernels, ``cast`` and ``flattened`` convert with in-memory copies. The
-    multi-process path is untested here; a process that fails alone leaves the others waiting.
+    packed attention kernels, ``cast`` and ``flattened`` convert with in-memory copies. A
+    process that fails alone leaves the others waiting at the final barrier.
 
     Args:
       path: the file or folder to write.
@@ -296,15 +297,7 @@ def save_checkpoint(
     }
 
     def convert(trees: dict[str, Any]) -> dict[str, Any]:
-        out = {"net": state_dict(trees["net"], torch_template, strict, options)}
-        if "ema_net" in trees:
-            same = trees["ema_net"] is trees["net"]
-            out["ema_net"] = (
-                out["net"]
-                if same
-                else state_dict(trees["ema_net"], torch_template, strict, options)
-            )
-        return out
+        return _per_section(trees, lambda tree: state_dict(tree, torch_template, strict, options))
 
     trees = {"net": net} if ema_net is None else {"net": net, "ema_net": ema_net}
     if folder:
@@ -413,7 +406,7 @@ def _spiller(folder: str) -> Callable[[Any], Any]:
     """Gathers spread leaves one at a time; a large one is written to a file in ``folder``
     and given back as a read-only memory map of it, so it leaves memory before the next."""
     os.mkdir(folder)
-    count = iter(range(1 << 62))
+    count = itertools.count()
 
     def spill(value: Any) -> Any:
         if not _spread(value):
@@ -432,11 +425,16 @@ def _spiller(folder: str) -> Callable[[Any], Any]:
 
 
 def _mapped(trees: dict[str, Any], fn: Callable[[Any], Any]) -> dict[str, Any]:
-    """Each section with ``fn`` applied to its leaves; ``ema_net`` that is ``net`` stays one."""
-    out = {"net": _map_leaves(trees["net"], fn)}
+    """Each section with ``fn`` applied to its leaves."""
+    return _per_section(trees, lambda tree: _map_leaves(tree, fn))
+
+
+def _per_section(trees: dict[str, Any], fn: Callable[[Any], Any]) -> dict[str, Any]:
+    """``fn`` of each section (``net``, and ``ema_net`` when given); ``ema_net`` that is
+    ``net`` is done once and stays one object."""
+    out = {"net": fn(trees["net"])}
     if "ema_net" in trees:
-        same = trees["ema_net"] is trees["net"]
-        out["ema_net"] = out["net"] if same else _map_leaves(trees["ema_net"], fn)
+        out["ema_net"] = out["net"] if trees["ema_net"] is trees["net"] else fn(trees["ema_net"])
     return out
 
 

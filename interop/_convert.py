@@ -328,9 +328,8 @@ def state_dict(
     produced: dict[str, np.ndarray] = {}
     for unit, keys in pairing.found:
         arrays = unit.layout.to_torch([np.asarray(leaf.value) for leaf in unit.leaves])
-        why = f"; {unit.leaves[0].label}{_rule(unit)}" if _rule(unit) else ""
         for key, array in zip(keys, arrays, strict=True):
-            converted = _to_template(array, key, template[key], problems, cast, why)
+            converted = _to_template(array, key, template[key], problems, cast, unit)
             if converted is not None:
                 produced[key] = _reordered(unit, key, converted, inputs, to_flax=False)
     produced.update((alias, produced[s]) for alias, s in tied.items() if s in produced)
@@ -462,10 +461,13 @@ def _unit_to_flax(
     shapes = [tuple(leaf.value.shape) for leaf in unit.leaves]
     wanted = torch_shapes(unit.layout, shapes)
     bad = [
-        f"{key}: {tuple(t.shape)} in the state_dict, {w} for {unit.leaves[0].label}{_rule(unit)}"
+        f"{key}: {tuple(t.shape)} in the state_dict, {w} for {unit.leaves[0].label}"
         for key, t, w in zip(keys, tensors, wanted, strict=True)
         if tuple(t.shape) != w
     ]
+    if bad:
+        reason = _rule(unit)
+        bad = [line + reason for line in bad]
     try:
         arrays = [as_numpy(t) for t in tensors]
     except TypeError as e:
@@ -505,9 +507,11 @@ def _template_state_dict(torch_template: Any) -> tuple[StateDict, frozenset[str]
 
 
 def _to_template(
-    array: np.ndarray, key: str, like: Any, problems: Problems, cast: bool, why: str
+    array: np.ndarray, key: str, like: Any, problems: Problems, cast: bool, unit: Unit
 ) -> np.ndarray | None:
     if array.shape != tuple(like.shape):
+        reason = _rule(unit)
+        why = f"; {unit.leaves[0].label}{reason}" if reason else ""
         problems.shapes.append(
             f"{key}: {array.shape} from Flax, {tuple(like.shape)} in template{why}"
         )

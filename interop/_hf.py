@@ -118,13 +118,15 @@ def read_folder(path: str | os.PathLike[str]) -> Folder:
     out: dict[str, np.ndarray] = {}
     metadata: dict[str, str] = {}
     files = [index]
-    for shard in sorted(set(weight_map.values())):
+    by_shard: dict[str, list[str]] = {}
+    for key, name in weight_map.items():
+        by_shard.setdefault(name, []).append(key)
+    for shard in sorted(by_shard):
         file = os.path.join(folder, shard)
         if not os.path.isfile(file):
             raise ValueError(f"{folder}: {source} names the shard {shard}, which is missing")
         content, shard_metadata = _read_shard(file, folder)
-        wanted = [key for key, name in weight_map.items() if name == shard]
-        lacking = [key for key in wanted if key not in content]
+        lacking = [key for key in by_shard[shard] if key not in content]
         if lacking:
             raise ValueError(
                 f"{folder}: {source} maps {few(list(map(repr, lacking)), most=3)} to {shard}, "
@@ -248,8 +250,8 @@ def check_replaceable(folder: str | os.PathLike[str], overwrite: bool) -> None:
         )
     others = sorted(
         name
-        for name in os.listdir(folder)
-        if not (_WRITTEN.fullmatch(name) and os.path.isfile(os.path.join(folder, name)))
+        for name in os.listdir(bare)
+        if not (_WRITTEN.fullmatch(name) and os.path.isfile(os.path.join(bare, name)))
     )
     if others:
         raise ValueError(

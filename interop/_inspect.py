@@ -53,12 +53,15 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{os.fspath(path)} holds a {type(checkpoint).__name__}, not a dict")
-    if is_folder(path):
-        files = read_folder(path).files
-        size = sum(os.path.getsize(file) for file in files)
-        lines = [f"{os.fspath(path)} (Hugging Face folder: {len(files)} files, {size:,} bytes)"]
+    folder = read_folder(path) if is_folder(path) else None
+    if folder is not None:
+        size = sum(os.path.getsize(file) for file in folder.files)
+        files = len(folder.files)
+        lines = [f"{os.fspath(path)} (Hugging Face folder: {files} files, {size:,} bytes)"]
+        metadata = folder.metadata
     else:
         lines = [f"{os.fspath(path)} ({os.path.getsize(path):,} bytes)"]
+        metadata = read_safetensors(path)[1] if is_safetensors(path) else {}
     found = sections(checkpoint, path)
     for name, state_dict in found.items():
         lines.append(f"{name}: {_summary(state_dict)}")
@@ -66,20 +69,15 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> str:
     if not found:
         lines.append("no 'net', 'ema_net' or state_dict found")
     lines += [f"{k}: {_describe(checkpoint[k])}" for k in others]
-    lines += [f"{k}: {_describe(v)}" for k, v in _metadata(path).items()]
+    lines += [f"{k}: {_describe(v)}" for k, v in _own(metadata).items()]
     if len(found) == 2:
         lines.append("relative distance |net - ema_net| / |net| per layer:")
         lines += _distances(found["net"], found["ema_net"])
     return "\n".join(lines)
 
 
-def _metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A safetensors file's (or folder's shards') own metadata by key, JSON values decoded; {}
-    for a ``.pth``."""
-    if is_folder(path):
-        metadata = read_folder(path).metadata
-    else:
-        metadata = read_safetensors(path)[1] if is_safetensors(path) else {}
+def _own(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """Safetensors metadata by key, JSON values decoded, without jema's own records."""
     return {k: _decoded(v) for k, v in sorted(metadata.items()) if k not in (MARKER, TIES)}
 
 

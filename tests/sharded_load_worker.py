@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import interop
+from jema._app.bench_sharded import status
 
 # Flax path -> (shape, spec over the one mesh axis "d" of all 8 devices). Kernels split on
 # either side of PyTorch's layout, an embedding on its rows, small leaves replicated.
@@ -80,14 +81,6 @@ def template(megabytes: int, mesh: jax.sharding.Mesh) -> dict[str, Any]:
 def saved_folder(file: Path, num_processes: int) -> str:
     """The folder the workers of a run save into (a trailing separator: a folder)."""
     return f"{file}.{num_processes}.saved{os.sep}"
-
-
-def status(field: str) -> int:
-    """A ``/proc/self/status`` memory field in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def main(process_id: int, num_processes: int, port: int, file: Path, out: Path) -> None:

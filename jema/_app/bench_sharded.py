@@ -121,7 +121,22 @@ def orbax_missing() -> str:
     return ""
 
 
-def _status(field: str) -> int:
+def status(field: str) -> int:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes.
+
+    Args:
+      field: the field's name.
+
+    Returns:
+      Its value in bytes.
+
+    Raises:
+      KeyError: when the file has no such field.
+
+    Example:
+      >>> status("VmRSS") > 0
+      True
+    """
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -190,11 +205,11 @@ def load_once(method: str, path: Path, megabytes: int) -> dict[str, float]:
             return jax.device_put(out, where)
 
     Path("/proc/self/clear_refs").write_text("5")
-    before = _status("VmRSS")
+    before = status("VmRSS")
     start = time.perf_counter()
     jax.block_until_ready(load())
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "rise": _status("VmHWM") - before}
+    return {"seconds": seconds, "rise": status("VmHWM") - before}
 
 
 def _run(method: str, path: Path, megabytes: int, processes: int = 1) -> list[dict[str, float]]:
