@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jema._checks import is_floating
+from jema._donation import keep_donations_in_their_memory
 
 
 def is_none(x: Any) -> bool:
@@ -83,7 +84,8 @@ def check_memory_kind(kind: str | None) -> Any:
 def place(tree: Any, space: Any) -> Any:
     """``tree`` with every array leaf in memory ``space``, keeping its sharding.
 
-    Leaves already there are returned as they are (no copy); works on traced leaves too.
+    Leaves already there are returned as they are (no copy); works on traced leaves too, and
+    then keeps the traced program's donations each in its own memory kind.
 
     Args:
       tree: a pytree of jax arrays (None leaves stay None).
@@ -104,7 +106,7 @@ def place(tree: Any, space: Any) -> Any:
             return x
         return jax.device_put(x, space)
 
-    return jax.tree.map(move, tree, is_leaf=is_none)
+    return keep_donations_in_their_memory(jax.tree.map(move, tree, is_leaf=is_none))
 
 
 def memory_space_of(tree: Any) -> Any:

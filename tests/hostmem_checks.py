@@ -213,6 +213,7 @@ DONATIONS = {  # how a step(params, opt_state) -> (params, opt_state) is jitted
     "opt_state_by_name": {"donate_argnames": ("opt_state",)},
     "both_returned_swapped": {"donate_argnums": (0, 1)},
     "opt_state_with_shardings": {"donate_argnums": (1,)},
+    "update_alone": {"donate_argnums": (1,)},  # jax.jit(tx.update), its updates returned
 }
 
 
@@ -223,21 +224,30 @@ def donated_run(pattern: str, kind: str | None) -> Any:
     )
     params = {"k": jax.device_put(jnp.arange(32.0).reshape(8, 4) / 32, jax.devices()[0])}
     opt_state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), tx.init(params))
+    swapped = pattern == "both_returned_swapped"
+
+    def grads_at(params: Any) -> Any:
+        return jax.tree.map(lambda p: jnp.sin(p) + 0.1, params)
 
     def step(params: Any, opt_state: Any) -> tuple[Any, Any]:
-        grads = jax.tree.map(lambda p: jnp.sin(p) + 0.1, params)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        updates, opt_state = tx.update(grads_at(params), opt_state, params)
         new = optax.apply_updates(params, updates)
-        return (opt_state, new) if pattern == "both_returned_swapped" else (new, opt_state)
+        return (opt_state, new) if swapped else (new, opt_state)
 
     options: dict[str, Any] = dict(DONATIONS[pattern])
     if pattern == "opt_state_with_shardings":
         shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
         options.update(in_shardings=shardings, out_shardings=shardings)
+    if pattern == "update_alone":
+        update = jax.jit(tx.update, **options)
+        for _ in range(3):
+            updates, opt_state = update(grads_at(params), opt_state, params)
+            params = optax.apply_updates(params, updates)
+        return opt_state
     jitted = jax.jit(step, **options)
     for _ in range(3):
         a, b = jitted(params, opt_state)
-        params, opt_state = (b, a) if pattern == "both_returned_swapped" else (a, b)
+        params, opt_state = (b, a) if swapped else (a, b)
     return opt_state
 
 
