@@ -44,7 +44,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
       >>> round(sigma_rel_to_gamma(0.05), 9)
       16.972198602
     """
-    s = _check_sigma_rel(sigma_rel)
+    s = check_sigma_rel(sigma_rel)
     inv = 1.0 / (s * s)
     coefficients = [1.0, 7.0, 16.0 - inv, 12.0 - inv]
     roots = np.roots(coefficients)
@@ -121,10 +121,26 @@ def power_weights(
     return pairs
 
 
-def _check_sigma_rel(sigma_rel: Any) -> float:
+def check_sigma_rel(sigma_rel: Any, name: str = "sigma_rel") -> float:
+    """``sigma_rel`` as a float, once it is a width a power-function EMA can have.
+
+    Args:
+      sigma_rel: the relative width σ_rel.
+      name: what the caller calls it, for the message (e.g. ``"sigma_rels[1]"``).
+
+    Returns:
+      The width as a float.
+
+    Raises:
+      ValueError, TypeError: naming ``name`` when it is not a number in [1e-38, 1/√12).
+
+    Example:
+      >>> check_sigma_rel(0.05)
+      0.05
+    """
     return check_number(
         sigma_rel,
-        "sigma_rel",
+        name,
         f"be a number in [{SIGMA_REL_MIN:g}, {SIGMA_REL_MAX:.4f}) (1/sqrt(12), the uniform "
         "average)",
         low=SIGMA_REL_MIN,

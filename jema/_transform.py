@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from jema._checks import check_floating_dtype
-from jema._power import power_weights, sigma_rel_to_gamma, width_key
+from jema._power import check_sigma_rel, power_weights, sigma_rel_to_gamma, width_key
 from jema._schedules import Weights, check_every_k_steps, decay_weights_fn, valid_weights
 from jema._state import EmaState, PowerEmaState, WeightEmaState, check_attached
 from jema._trees import (
@@ -150,7 +150,8 @@ def power_ema(
     """
     if isinstance(sigma_rels, (int, float)) or not sigma_rels:
         raise ValueError(f"sigma_rels must be a non-empty sequence of widths; got {sigma_rels!r}")
-    gammas = tuple(sigma_rel_to_gamma(s) for s in sigma_rels)
+    widths = [check_sigma_rel(s, f"sigma_rels[{n}]") for n, s in enumerate(sigma_rels)]
+    gammas = tuple(sigma_rel_to_gamma(s) for s in widths)
     keys = [width_key(s) for s in sigma_rels]
     if len(set(keys)) != len(keys):
         raise ValueError(f"sigma_rels must be distinct; got {tuple(sigma_rels)!r}")

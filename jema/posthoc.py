@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 
 from jema._checks import check_floating_dtype, check_number, is_floating
 from jema._orbax import check_new_step, check_savable, open_manager, save_lock
-from jema._power import _check_sigma_rel, sigma_rel_to_gamma, width_key
+from jema._power import check_sigma_rel, sigma_rel_to_gamma, width_key
 from jema._state import PowerEmaState, find_ema_state, tracked_sigma_rels
 
 FORMAT = "jema.posthoc/1"
@@ -229,8 +229,14 @@ def solve_weights(
       array([0., 0., 0., 1.])
     """
     steps = [_check_positive_int(t, "snapshot_steps") for t in _sequence(snapshot_steps)]
-    widths = [_check_sigma_rel(s) for s in _sequence(snapshot_sigma_rels)]
-    targets = [_check_sigma_rel(s) for s in _sequence(target_sigma_rels)]
+    widths = [
+        check_sigma_rel(s, f"snapshot_sigma_rels[{n}]")
+        for n, s in enumerate(_sequence(snapshot_sigma_rels))
+    ]
+    targets = [
+        check_sigma_rel(s, f"target_sigma_rels[{n}]")
+        for n, s in enumerate(_sequence(target_sigma_rels))
+    ]
     target_step = _check_positive_int(target_step, "target_step")
     if len(steps) != len(widths) or not steps:
         raise ValueError(
@@ -315,7 +321,7 @@ def reconstruct(
       [2.0, 2.0]
     """
     single = not isinstance(sigma_rel, Iterable) or np.ndim(sigma_rel) == 0
-    targets = [_check_sigma_rel(s) for s in _sequence(sigma_rel)]
+    targets = [check_sigma_rel(s) for s in _sequence(sigma_rel)]
     out_dtype = _check_dtype(dtype)
     _part_records({"params": [], "batch_stats": []}, part, directory)
     index = _read_index(directory)
@@ -394,7 +400,7 @@ def load_snapshot(
     step = _check_positive_int(step, "step")
     (metadata,) = _read_index(directory, [step])
     records = _part_records(metadata, part, directory)
-    if _check_sigma_rel(sigma_rel) not in metadata["sigma_rels"]:
+    if check_sigma_rel(sigma_rel) not in metadata["sigma_rels"]:
         raise ValueError(
             f"snapshot {step} holds sigma_rel {metadata['sigma_rels']}; got {sigma_rel!r} "
             "(use reconstruct for another width)"
@@ -549,7 +555,7 @@ def _check_metadata(metadata: Any, step: int, folder: str) -> dict[str, Any]:
         try:
             if not isinstance(width, (int, float)):
                 raise ValueError(f"sigma_rel must be a number; got {width!r}")
-            _check_sigma_rel(width)
+            check_sigma_rel(width)
         except ValueError as e:
             raise broken(f"sigma_rels {widths!r}: {e}") from e
     if len(set(widths)) != len(widths):

@@ -125,8 +125,8 @@ def test_readers_pick_a_width_and_list_the_tracked_ones():
         ((), "non-empty sequence"),
         (0.05, "non-empty sequence"),
         ((0.05, 0.05), "distinct"),
-        ((0.3,), r"sigma_rel must be a number in \[1e-38, 0\.2887\)"),
-        ((float("nan"),), "sigma_rel must be a number"),
+        ((0.3,), r"^sigma_rels\[0\] must be a number in \[1e-38, 0\.2887\).*; got 0\.3$"),
+        ((0.05, float("nan")), r"^sigma_rels\[1\] must be a number .*; got nan$"),
     ],
 )
 def test_bad_widths_are_refused(sigma_rels, message):

@@ -8,7 +8,7 @@ import os
 import re
 from typing import Any, NoReturn
 
-from jema._power import SIGMA_REL_MAX, SIGMA_REL_MIN, _check_sigma_rel
+from jema._power import SIGMA_REL_MAX, SIGMA_REL_MIN, check_sigma_rel
 
 
 def plain(text: str) -> str:
@@ -197,7 +197,7 @@ def sigma_rel(text: str) -> float:
       0.07
     """
     try:
-        return _check_sigma_rel(float(text))
+        return check_sigma_rel(float(text))
     except ValueError as e:
         raise argparse.ArgumentTypeError(
             f"must be a width in [{SIGMA_REL_MIN:g}, {SIGMA_REL_MAX:.4f}); got {text!r}"
