@@ -276,7 +276,7 @@ def shard_size(size: int | str) -> int:
       TypeError: for anything but an int or a str.
 
     Example:
-      >>> shard_size("5GB"), shard_size("200KB"), shard_size("1MiB"), shard_size("8Kb")
+      >>> shard_size("5GB"), shard_size("200 KB"), shard_size("1MiB"), shard_size("8Kb")
       (5000000000, 200000, 1048576, 1000)
     """
     if isinstance(size, bool) or not isinstance(size, int | str):
@@ -284,7 +284,7 @@ def shard_size(size: int | str) -> int:
     out = size if isinstance(size, int) else None
     if isinstance(size, str):
         for unit, scale in _UNITS.items():
-            digits = size[: -len(unit)]
+            digits = size[: -len(unit)].strip()  # int() takes "5 GB" and " 5GB"
             if size.upper().endswith(unit) and digits.isascii() and digits.isdigit():
                 bits = scale % 1000 == 0 and size.endswith("b")
                 out = int(digits) * scale // (8 if bits else 1)

@@ -158,13 +158,15 @@ def test_tied_keys_are_written_as_save_pretrained_writes_them(root) -> None:
 
 
 @pytest.mark.parametrize(
-    "size", [1, 12345, "5GB", "200KB", "3MB", "1GiB", "7MiB", "9KiB", "5Gb", "8Kb", "40mb", "2kB"]
+    "size",
+    [1, 12345, "5GB", "200KB", "3MB", "1GiB", "7MiB", "9KiB", "5Gb", "8Kb", "40mb", "2kB"]
+    + ["5 GB", " 5GB", "2 MiB", "3\tKB"],
 )
 def test_shard_sizes_parse_as_transformers_parses_them(size) -> None:
     assert shard_size(size) == convert_file_size_to_int(size)
 
 
-@pytest.mark.parametrize("size", ["5", "1.5GB", "GB", "-3MB", "5TB", 0, -1])
+@pytest.mark.parametrize("size", ["5", "1.5GB", "GB", " GB", "-3MB", "5TB", "5 T B", 0, -1])
 def test_sizes_transformers_cannot_parse_are_refused(size) -> None:
     with pytest.raises(ValueError, match="max_shard_size must be a positive"):
         shard_size(size)
