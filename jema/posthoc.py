@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,18 +31,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jema._checks import check_floating_dtype, check_number, is_floating
-from jema._orbax import check_new_step, check_savable, open_manager, save_lock
+from jema._orbax import check_savable, open_manager, save_lock
 from jema._power import check_sigma_rel, sigma_rel_to_gamma, width_key
+from jema._snapshot_folder import (
+    FORMAT,
+    METADATA,
+    STEP_NAME,
+    STORAGE_DTYPES,
+    check_new_snapshot_step,
+    check_path,
+    item_name,
+    leaf_name,
+    leaf_records,
+    part_records,
+    read_index,
+    same_tree,
+)
 from jema._state import PowerEmaState, find_ema_state, tracked_sigma_rels
 
-FORMAT = "jema.posthoc/1"
-METADATA = "metadata"
-PARTS = ("params", "batch_stats")
-STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 CHUNK_BYTES = 16 * 2**20  # stored trees are read in parts of about this size
-STEP_NAME = re.compile(r"[0-9]+")  # the folder names orbax reads as steps
-RECORD_FIELDS = {"path", "shape", "dtype"}
-METADATA_FIELDS = {"format", "step", "sigma_rels", "dtype", "params"}  # and maybe "batch_stats"
 
 
 class ExtrapolationWarning(UserWarning):
@@ -106,7 +112,7 @@ def save_snapshot(
       Snapshot(step=1, sigma_rels=(0.05, 0.1), dtype='float16', batch_stats=False)
     """
     storage = _check_storage_dtype(dtype)
-    path = _check_path(directory)
+    path = check_path(directory)
     state = find_ema_state(opt_state)
     if not isinstance(state, PowerEmaState):
         raise TypeError(
@@ -132,13 +138,13 @@ def save_snapshot(
     }
     check_savable(parts, "snapshot")
     for part, trees in parts.items():
-        metadata[part] = _leaf_records(trees[width_key(widths[0])])
+        metadata[part] = leaf_records(trees[width_key(widths[0])])
         for width in widths:
-            item = _item(part, width)
+            item = item_name(part, width)
             items[item] = ocp.args.PyTreeSave(_stored(trees[width_key(width)], storage, item))
     items[METADATA] = ocp.args.JsonSave(metadata)
     with open_manager(path, None) as manager, save_lock(os.fspath(manager.directory)):
-        _check_new_step(manager, step)
+        check_new_snapshot_step(manager, step)
         manager.save(step, args=ocp.args.Composite(**items), force=True)
     return _record(metadata)
 
@@ -163,7 +169,7 @@ def list_snapshots(directory: str | os.PathLike[str]) -> list[Snapshot]:
       >>> list_snapshots(tempfile.mkdtemp())
       []
     """
-    return [_record(metadata) for metadata in _read_index(directory)]
+    return [_record(metadata) for metadata in read_index(directory)]
 
 
 def profile(tau: Any, step: int, sigma_rel: float) -> np.ndarray:
@@ -323,10 +329,10 @@ def reconstruct(
     single = not isinstance(sigma_rel, Iterable) or np.ndim(sigma_rel) == 0
     targets = [check_sigma_rel(s) for s in _sequence(sigma_rel)]
     out_dtype = _check_dtype(dtype)
-    _part_records({"params": [], "batch_stats": []}, part, directory)
-    index = _read_index(directory)
+    part_records({"params": [], "batch_stats": []}, part, directory)
+    index = read_index(directory)
     if not index:
-        path = _check_path(directory)
+        path = check_path(directory)
         others = sorted(name for name in os.listdir(path) if STEP_NAME.fullmatch(name))
         raise FileNotFoundError(
             f"no snapshot in {path!r}"
@@ -337,7 +343,7 @@ def reconstruct(
     if target_step not in saved:  # the profile at a step between snapshots is not known
         raise ValueError(f"no snapshot at step {target_step}; saved steps: {saved}")
     taking = [m for m in index if m["step"] <= target_step]
-    records = _same_tree(taking, part, directory)
+    records = same_tree(taking, part, directory)
     narrowest = min(min(m["sigma_rels"]) for m in taking)
     for target in (s for s in targets if s < narrowest):
         warnings.warn(
@@ -352,9 +358,9 @@ def reconstruct(
     used = [(row, w) for row, w in zip(rows, weights, strict=True) if w.any()]
     sums = [[np.zeros(r["shape"], np.float32) for r in records] for _ in targets]
     kept: list[Any] = [None] * len(records)
-    with open_manager(_check_path(directory), None) as manager:
+    with open_manager(check_path(directory), None) as manager:
         for (t, width), w in _progress(used, progress, len(used)):
-            for i, leaf in _stored_leaves(manager, t, _item(part, width), records):
+            for i, leaf in _stored_leaves(manager, t, item_name(part, width), records):
                 if not is_floating(leaf.dtype):
                     kept[i] = leaf
                     continue
@@ -398,16 +404,16 @@ def load_snapshot(
       dtype(bfloat16)
     """
     step = _check_positive_int(step, "step")
-    (metadata,) = _read_index(directory, [step])
-    records = _part_records(metadata, part, directory)
+    (metadata,) = read_index(directory, [step])
+    records = part_records(metadata, part, directory)
     if check_sigma_rel(sigma_rel) not in metadata["sigma_rels"]:
         raise ValueError(
             f"snapshot {step} holds sigma_rel {metadata['sigma_rels']}; got {sigma_rel!r} "
             "(use reconstruct for another width)"
         )
     leaves: list[Any] = [None] * len(records)
-    with open_manager(_check_path(directory), None) as manager:
-        for i, leaf in _stored_leaves(manager, step, _item(part, sigma_rel), records):
+    with open_manager(check_path(directory), None) as manager:
+        for i, leaf in _stored_leaves(manager, step, item_name(part, sigma_rel), records):
             leaves[i] = leaf
     return _nest(records, leaves)
 
@@ -419,191 +425,6 @@ def _inner(t_a: Any, g_a: Any, t_b: Any, g_b: Any) -> np.ndarray:
     return (g_a + 1) * (g_b + 1) / ((g_a + g_b + 1) * t_hi) * (t_lo / t_hi) ** g_hi
 
 
-def _read_index(directory: Any, steps: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """The checked metadata of the snapshots at ``steps`` (None: all), by step; nothing is
-    created."""
-    path = _check_path(directory)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no snapshot folder {path!r}")
-    saved = _snapshot_steps(path)
-    missing = sorted(set(steps or ()) - set(saved))
-    if missing:
-        raise FileNotFoundError(
-            f"no snapshot step {missing[0]!r} in {path!r}; saved steps: {saved}"
-        )
-    with open_manager(path, None) as manager:
-        return [
-            _read_metadata(manager, path, step)
-            for step in (saved if steps is None else sorted(steps))
-        ]
-
-
-def _snapshot_steps(path: str) -> list[int]:
-    """The steps of the snapshot folders in ``path``, sorted: the folders named by a step that
-    hold a snapshot item (its metadata or a stored tree). Others are not the snapshots'."""
-    steps = []
-    with os.scandir(path) as entries:
-        for entry in entries:
-            if not (STEP_NAME.fullmatch(entry.name) and entry.is_dir()):
-                continue
-            with os.scandir(entry.path) as inside:
-                if not any(_is_snapshot_item(item.name) for item in inside):
-                    continue
-            if entry.name != str(int(entry.name)):
-                raise ValueError(
-                    f"the snapshot folder {entry.path!r} is not named by its step: orbax reads "
-                    f"step {int(entry.name)} from the folder {str(int(entry.name))!r}; rename it"
-                )
-            steps.append(int(entry.name))
-    return sorted(steps)
-
-
-def _is_snapshot_item(name: str) -> bool:
-    return name == METADATA or name.startswith(tuple(f"{part}-" for part in PARTS))
-
-
-def _check_new_step(manager: ocp.CheckpointManager, step: int) -> None:
-    """Refuse a step saved in the folder or below a saved one (:func:`check_new_step`, counting
-    only the folders that hold a snapshot), or whose folder name another kind of folder
-    holds."""
-    path = os.fspath(manager.directory)
-    check_new_step(manager, step, "snapshot", saved=_snapshot_steps(path))
-    if os.path.lexists(os.path.join(path, str(step))):
-        raise ValueError(
-            f"{os.path.join(path, str(step))!r} is in the way of snapshot step {step}: it holds "
-            "no jema snapshot; move it out of the snapshot folder"
-        )
-
-
-def _read_metadata(manager: ocp.CheckpointManager, path: str, step: int) -> dict[str, Any]:
-    """The metadata of the snapshot at ``step``, checked (:func:`_check_metadata`) and with
-    every item it lists present."""
-    folder = os.path.join(path, str(step))
-    if not os.path.isdir(os.path.join(folder, METADATA)):
-        raise ValueError(
-            f"the snapshot folder {folder!r} holds stored trees but no {METADATA!r}: a damaged "
-            "snapshot; delete the step folder"
-        )
-    where = _metadata_file(folder)
-    try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()})
-        )
-        metadata = restored[METADATA]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(
-            f"cannot read the snapshot metadata {where!r} ({' '.join(str(e).split())[:200]}); "
-            "delete the step folder"
-        ) from e
-    checked = _check_metadata(metadata, step, folder)
-    parts = [part for part in PARTS if part in checked]
-    lost = [
-        _item(p, w)
-        for p in parts
-        for w in checked["sigma_rels"]
-        if not os.path.isdir(os.path.join(folder, _item(p, w)))
-    ]
-    if lost:
-        raise ValueError(
-            f"the snapshot folder {folder!r} lacks the items {lost} its metadata lists: a "
-            "damaged snapshot; delete the step folder"
-        )
-    return checked
-
-
-def _metadata_file(folder: str) -> str:
-    """The file of a step folder's metadata (orbax keeps a JSON item in a file of its name)."""
-    return os.path.join(folder, METADATA, METADATA)
-
-
-def _check_metadata(metadata: Any, step: int, folder: str) -> dict[str, Any]:
-    """``metadata`` when it is a jema snapshot's for its ``folder``, that of ``step``: every
-    field of its type and range, the widths distinct, the leaf paths one tree's.
-
-    Raises:
-      ValueError: naming the metadata file (the folder, for a step that is not its own).
-    """
-    where = _metadata_file(folder)
-
-    def broken(what: str) -> ValueError:
-        return ValueError(f"broken snapshot metadata {where!r}: {what}; delete the step folder")
-
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise ValueError(
-            f"{where!r} is not a jema snapshot's metadata (no {FORMAT!r} format); keep "
-            "snapshots in a folder of their own"
-        )
-    fields = set(metadata)
-    if not METADATA_FIELDS <= fields <= METADATA_FIELDS | {"batch_stats"}:
-        raise broken(
-            f"fields {sorted(fields)}; a snapshot's are {sorted(METADATA_FIELDS)} and maybe "
-            "'batch_stats'"
-        )
-    saved = metadata["step"]
-    if not _is_int(saved) or saved < 1:
-        raise broken(f"step {saved!r} is not a positive int")
-    if saved != step:
-        raise ValueError(
-            f"the snapshot folder {folder!r} holds the metadata of step {saved} (copied or "
-            "renamed?): a snapshot's folder is named by its step; put it back in the folder "
-            f"{str(saved)!r} or delete it"
-        )
-    widths = metadata["sigma_rels"]
-    if not isinstance(widths, list) or not widths:
-        raise broken(f"sigma_rels {widths!r} is not a non-empty list of widths")
-    for width in widths:
-        try:
-            if not isinstance(width, (int, float)):
-                raise ValueError(f"sigma_rel must be a number; got {width!r}")
-            check_sigma_rel(width)
-        except ValueError as e:
-            raise broken(f"sigma_rels {widths!r}: {e}") from e
-    if len(set(widths)) != len(widths):
-        raise broken(f"sigma_rels {widths!r} repeat a width")
-    if metadata["dtype"] is not None and metadata["dtype"] not in STORAGE_DTYPES:
-        raise broken(f"dtype {metadata['dtype']!r} is not null or one of {STORAGE_DTYPES}")
-    for part in PARTS:
-        if part in metadata:
-            _check_records(metadata[part], part, broken)
-    return metadata
-
-
-def _check_records(records: Any, part: str, broken: Any) -> None:
-    """Each leaf record of ``part``: its path (str and int keys), shape and dtype; the paths
-    those of one tree (distinct, none inside another)."""
-    if not isinstance(records, list):
-        raise broken(f"{part} {records!r} is not a list of leaf records")
-    paths = []
-    for record in records:
-        if not isinstance(record, dict) or set(record) != RECORD_FIELDS:
-            raise broken(f"{part} record {record!r} is not a dict of {sorted(RECORD_FIELDS)}")
-        path, shape, dtype = record["path"], record["shape"], record["dtype"]
-        if not isinstance(path, list) or not all(isinstance(k, str) or _is_int(k) for k in path):
-            raise broken(f"{part} record {record!r}: path is not a list of str and int keys")
-        if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
-            raise broken(f"{part} record {record!r}: shape is not a list of sizes (ints >= 0)")
-        if not (isinstance(dtype, str) and _is_dtype_name(dtype)):
-            raise broken(f"{part} record {record!r}: dtype is not a dtype's name")
-        paths.append(tuple(path))
-    inner = {p[:n] for p in paths for n in range(len(p))}
-    clash = sorted(
-        {p for p in paths if p in inner} | {p for p in paths if paths.count(p) > 1}, key=str
-    )
-    if clash:
-        raise broken(f"{part} leaf paths {clash[:5]} repeat or lie inside another leaf's")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_dtype_name(name: str) -> bool:
-    try:
-        return jnp.dtype(name).name == name
-    except (TypeError, ValueError):
-        return False
-
-
 def _record(metadata: dict[str, Any]) -> Snapshot:
     return Snapshot(
         step=metadata["step"],
@@ -611,57 +432,6 @@ def _record(metadata: dict[str, Any]) -> Snapshot:
         dtype=metadata["dtype"],
         batch_stats="batch_stats" in metadata,
     )
-
-
-def _same_tree(taking: list[dict[str, Any]], part: str, directory: Any) -> list[dict[str, Any]]:
-    """The leaf records every snapshot taking part shares; a clear error when they differ."""
-    latest = taking[-1]
-    _part_records(latest, part, directory)
-    for other in taking[:-1]:
-        if other.get(part) != latest[part]:
-            theirs = {_path_text(r): r for r in other.get(part) or []}
-            ours = {_path_text(r): r for r in latest[part]}
-            differ = sorted(p for p in theirs.keys() & ours.keys() if theirs[p] != ours[p])
-            raise ValueError(
-                f"snapshots of different trees in {os.fspath(directory)!r}: steps "
-                f"{other['step']} and {latest['step']} differ in {part} (shapes/dtypes at "
-                f"{differ[:5]}, only at {other['step']}: {sorted(theirs.keys() - ours.keys())[:5]}"
-                f", only at {latest['step']}: {sorted(ours.keys() - theirs.keys())[:5]}); "
-                "reconstruct from the snapshots of one run"
-            )
-    return latest[part]
-
-
-def _part_records(metadata: dict[str, Any], part: str, directory: Any) -> list[dict[str, Any]]:
-    if part not in PARTS:
-        raise ValueError(f"part must be one of {PARTS}; got {part!r}")
-    if part not in metadata:
-        raise ValueError(
-            f"the snapshots in {os.fspath(directory)!r} hold no batch statistics: attach them "
-            "with jema.attach_batch_stats before training to snapshot them"
-        )
-    records: list[dict[str, Any]] = metadata[part]
-    return records
-
-
-def _leaf_records(tree: Any) -> list[dict[str, Any]]:
-    """Each leaf's path (its keys, as JSON values), shape and dtype, in tree order."""
-    return [
-        {"path": [_key(k) for k in path], "shape": list(leaf.shape), "dtype": str(leaf.dtype)}
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    ]
-
-
-def _key(key: Any) -> str | int:
-    for attribute in ("key", "idx", "name"):
-        value = getattr(key, attribute, None)
-        if isinstance(value, (str, int)):
-            return value
-    return str(key)
-
-
-def _path_text(record: dict[str, Any]) -> str:
-    return "/".join(map(str, record["path"]))
 
 
 def _stored(tree: Any, storage: str | None, item: str) -> dict[str, Any]:
@@ -684,16 +454,8 @@ def _stored(tree: Any, storage: str | None, item: str) -> dict[str, Any]:
                     "'float32'; nothing was written."
                 )
             leaf = cast
-        flat[_leaf_name(i)] = leaf
+        flat[leaf_name(i)] = leaf
     return flat
-
-
-def _leaf_name(i: int) -> str:
-    return f"leaf{i:06d}"
-
-
-def _item(part: str, sigma_rel: float) -> str:
-    return f"{part}-{width_key(sigma_rel)}"
 
 
 def _stored_leaves(
@@ -707,7 +469,7 @@ def _stored_leaves(
         group.append(i)
         size += 4 * math.prod(record["shape"])
         if size >= CHUNK_BYTES or i == len(records) - 1:
-            names = [_leaf_name(k) for k in group]
+            names = [leaf_name(k) for k in group]
             restore = ocp.args.PyTreeRestore(
                 item=dict.fromkeys(names, 0),
                 restore_args={n: ocp.RestoreArgs(restore_type=np.ndarray) for n in names},
@@ -761,12 +523,6 @@ def _check_positive_int(value: Any, name: str) -> int:
     step arrays hold; 0-d numpy and jax arrays)."""
     rule = "hold positive ints (optimizer steps)"
     return check_number(value, name, rule, low=1, closed="low", kind="whole")
-
-
-def _check_path(directory: Any) -> str:
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"directory must be a path (str or os.PathLike); got {directory!r}")
-    return os.path.abspath(os.fspath(directory))
 
 
 def _check_storage_dtype(dtype: Any) -> str | None:

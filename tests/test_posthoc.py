@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import jema
 from jema import posthoc
 from jema._power import SIGMA_REL_MAX, SIGMA_REL_MIN
+from jema._snapshot_folder import FORMAT, STORAGE_DTYPES, _check_metadata
 from jema.checkpoint import save
 
 WIDTHS = (0.05, 0.10)
@@ -656,10 +657,10 @@ leaf_records = st.lists(
 )
 valid_metadata = st.fixed_dictionaries(
     {
-        "format": st.just(posthoc.FORMAT),
+        "format": st.just(FORMAT),
         "step": st.integers(1, 10**12),
         "sigma_rels": st.lists(st.floats(SIGMA_REL_MIN, 0.28), min_size=1, max_size=3, unique=True),
-        "dtype": st.sampled_from([None, *posthoc.STORAGE_DTYPES]),
+        "dtype": st.sampled_from([None, *STORAGE_DTYPES]),
         "params": leaf_records,
     },
     optional={"batch_stats": leaf_records},
@@ -669,9 +670,9 @@ valid_metadata = st.fixed_dictionaries(
 @given(valid_metadata)
 def test_the_metadata_schema_takes_every_metadata_save_snapshot_writes(metadata):
     folder = os.path.join("snapshots", str(metadata["step"]))
-    assert posthoc._check_metadata(metadata, metadata["step"], folder) is metadata
+    assert _check_metadata(metadata, metadata["step"], folder) is metadata
     with pytest.raises(ValueError, match=f"folder {re.escape(repr(folder))} holds the metadata"):
-        posthoc._check_metadata(metadata, metadata["step"] + 1, folder)
+        _check_metadata(metadata, metadata["step"] + 1, folder)
 
 
 @given(valid_metadata, st.data())
@@ -684,7 +685,7 @@ def test_a_broken_metadata_field_is_only_ever_a_value_error_naming_the_file(meta
         metadata[field] = value
     folder = os.path.join("snapshots", "7")
     try:
-        checked = posthoc._check_metadata(metadata, 7, folder)
+        checked = _check_metadata(metadata, 7, folder)
     except ValueError as e:
         assert repr(os.path.join(folder, "metadata", "metadata")) in str(e) or repr(folder) in str(
             e
@@ -696,7 +697,7 @@ def test_a_broken_metadata_field_is_only_ever_a_value_error_naming_the_file(meta
 @given(json_values)
 def test_json_without_the_format_is_not_a_snapshots_metadata(value):
     with pytest.raises(ValueError, match="is not a jema snapshot's metadata"):
-        posthoc._check_metadata(value, 1, "1")
+        _check_metadata(value, 1, "1")
 
 
 MEASURE = """
