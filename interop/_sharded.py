@@ -18,7 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
+from jax.sharding import Sharding, make_single_device_sharding
+
+from jema._meshes import concrete_sharding
 
 CHUNK = 16 << 20  # source bytes copied before their pages are let go
 
@@ -77,15 +79,7 @@ def sharding_of(like: Any, label: str) -> Sharding | None:
     sharding = getattr(like, "sharding", None)
     if not isinstance(sharding, Sharding):
         return None
-    if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, jax.sharding.AbstractMesh):
-        mesh = jax.sharding.get_mesh()
-        if not isinstance(mesh, jax.sharding.Mesh) or mesh.abstract_mesh != sharding.mesh:
-            raise ValueError(
-                f"{label}: the template's sharding {sharding} is on an abstract mesh, which names "
-                "no devices; load inside `with jax.set_mesh(mesh):` with the concrete mesh it "
-                "stands for, or give the leaf NamedSharding(mesh, spec)"
-            )
-        sharding = NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
+    sharding = concrete_sharding(sharding, label, "load")
     if len(sharding.device_set) > 1:
         return sharding
     (device,) = sharding.device_set
@@ -116,7 +110,7 @@ def place(array: np.ndarray, dtype: np.dtype, sharding: Sharding, label: str) ->
 
     Example:
       >>> mesh = jax.make_mesh((1,), ("x",))
-      >>> sharding = NamedSharding(mesh, jax.P("x"))
+      >>> sharding = jax.sharding.NamedSharding(mesh, jax.P("x"))
       >>> out = place(np.arange(4.0, dtype=np.float32), np.dtype(np.float32), sharding, "b")
       >>> out.sharding == sharding, out.tolist()
       (True, [0.0, 1.0, 2.0, 3.0])
@@ -145,7 +139,7 @@ def place(array: np.ndarray, dtype: np.dtype, sharding: Sharding, label: str) ->
     shards = []
     for key, group in devices.items():
         block = copy_block(array[blocks[key]], dtype, release)
-        kinds = [SingleDeviceSharding(d, memory_kind=sharding.memory_kind) for d in group]
+        kinds = [make_single_device_sharding(d, memory_kind=sharding.memory_kind) for d in group]
         shards += jax.device_put([block] * len(group), kinds)
         del block
     return jax.make_array_from_single_device_arrays(array.shape, sharding, shards, dtype=dtype)

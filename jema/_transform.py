@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from jema._checks import check_floating_dtype
+from jema._donation import keep_donations_in_their_memory
 from jema._power import check_sigma_rel, power_weights, sigma_rel_to_gamma, width_key
 from jema._schedules import Weights, check_every_k_steps, decay_weights_fn, valid_weights
 from jema._state import EmaState, PowerEmaState, WeightEmaState, check_attached
@@ -258,7 +259,9 @@ def _averaging(
             if bad_k is not None:
                 due = jnp.logical_or(due, bad_k)
             new_emas, new_stats = jax.lax.cond(due, average, lambda _: (emas, stats), None)
-        return updates, pack(count, new_emas, new_stats)
+        out = updates, pack(count, new_emas, new_stats)
+        # kept alive by whatever the caller uses, even with the new state thrown away
+        return out if space is None else keep_donations_in_their_memory(out)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

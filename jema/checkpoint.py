@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jema import nnx as jema_nnx
 from jema._checks import check_number
+from jema._meshes import concrete_sharding
 from jema._orbax import Directory, check_new_step, check_savable, open_manager, save_lock
 from jema.train_state import TrainState
 
@@ -234,13 +236,19 @@ def _memory_kinds(tree: Any) -> dict[str, str]:
 def _abstract(tree: Any, metadata: Any, kinds: dict[str, str]) -> Any:
     """The template as shapes, dtypes and shardings to restore into.
 
-    A number (Python or numpy) takes the saved leaf's dtype. A leaf saved outside device memory
-    (``kinds``, by path) goes back there unless the template keeps it in another memory
-    itself; a ``jax.eval_shape`` template knows no memory kinds.
+    A number (Python or numpy) takes the saved leaf's dtype. A sharding on an abstract mesh
+    (``jax.eval_shape``) goes on the concrete mesh ``jax.set_mesh`` holds. When the template
+    spreads leaves over several devices, a leaf it left unplaced (an uncommitted array such as
+    ``TrainState.create``'s step and optax's counts, a number, a struct without a sharding) is
+    restored replicated over that mesh, as ``jit`` places it, not committed to one device. A leaf
+    saved outside device memory (``kinds``, by path) goes back there unless the template keeps
+    it in another memory itself; a ``jax.eval_shape`` template knows no memory kinds.
     """
     saved = _by_path(getattr(metadata, "tree", None) or {})
 
-    def leaf(path: Any, x: Any) -> Any:
+    unplaced: set[str] = set()
+
+    def struct_of(path: Any, x: Any) -> jax.ShapeDtypeStruct:
         key = jax.tree_util.keystr(path, simple=True, separator="/")
         if isinstance(x, (numbers.Number, np.generic)):
             dtype = saved[key].dtype if key in saved else np.asarray(x).dtype
@@ -250,19 +258,32 @@ def _abstract(tree: Any, metadata: Any, kinds: dict[str, str]) -> Any:
                 f"the template's leaf {key} is a {type(x).__name__}; a template holds arrays, "
                 "jax.ShapeDtypeStructs or numbers (build it as the saved state was built)"
             )
+        if isinstance(x, jax.Array) and not x.committed:
+            unplaced.add(key)
         struct = ocp.utils.to_shape_dtype_struct(x)
-        sharding = getattr(struct, "sharding", None)
-        if key not in kinds or getattr(sharding, "memory_kind", None) not in (None, "device"):
-            return struct
-        if sharding is None and key in saved:
-            sharding = saved[key].sharding.to_jax_sharding()
-        if sharding is None:
-            return struct
-        return jax.ShapeDtypeStruct(
-            struct.shape, struct.dtype, sharding=sharding.with_memory_kind(kinds[key])
-        )
+        sharding = concrete_sharding(getattr(struct, "sharding", None), key, "restore")
+        return jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=sharding)
 
-    return jax.tree_util.tree_map_with_path(leaf, tree)
+    structs = jax.tree_util.tree_map_with_path(struct_of, tree)
+    meshes = [
+        s.sharding.mesh
+        for s in jax.tree.leaves(structs)
+        if isinstance(s.sharding, NamedSharding) and len(s.sharding.device_set) > 1
+    ]
+
+    def leaf(path: Any, struct: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        key = jax.tree_util.keystr(path, simple=True, separator="/")
+        sharding = struct.sharding
+        if meshes and (sharding is None or key in unplaced):
+            sharding = NamedSharding(meshes[0], PartitionSpec())
+        if key in kinds and getattr(sharding, "memory_kind", None) in (None, "device"):
+            if sharding is None and key in saved:
+                sharding = saved[key].sharding.to_jax_sharding()
+            if sharding is not None:
+                sharding = sharding.with_memory_kind(kinds[key])
+        return jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, structs)
 
 
 def check_step(step: Any) -> int:

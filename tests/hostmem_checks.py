@@ -140,6 +140,37 @@ def eval_and_files(mesh: Any, folder: str) -> dict[str, Any]:
     }
 
 
+def resume_facts(mesh: Any, folder: str, kind: str | None) -> dict[str, Any]:
+    """A TrainState on the mesh saved after a jitted step, restored into a fresh state and into
+    a ``jax.eval_shape`` one (inside and outside ``jax.set_mesh``), then stepped again: the
+    restored layout, and each resumed step against the uninterrupted one."""
+    tx = jema.with_ema(optax.sgd(0.1), decay=0.9, ema_memory_kind=kind)
+
+    def fresh() -> Any:
+        return jema.TrainState.create(apply_fn=None, params=placed(mesh, jnp.float32)[0], tx=tx)
+
+    step = jax.jit(lambda s: s.apply_gradients(grads=jax.tree.map(jnp.sin, s.params)))
+    state = step(fresh())
+    path = os.path.join(folder, f"resume-{kind}")
+    jema.checkpoint.save(path, 1, state)
+    expected = step(state)
+    out: dict[str, Any] = {}
+    with jax.set_mesh(mesh):
+        templates = {"fresh": fresh(), "eval_shape": jax.eval_shape(fresh)}
+        for name, template in templates.items():
+            restored = jema.checkpoint.restore(path, template)
+            out[name] = {
+                "layout": layout({"step": restored.step, "opt_state": restored.opt_state}),
+                "difference": difference(step(restored), expected),
+            }
+    try:
+        jema.checkpoint.restore(path, jax.eval_shape(fresh))
+        out["outside_set_mesh"] = "restored"
+    except ValueError as e:
+        out["outside_set_mesh"] = str(e)
+    return out
+
+
 def nnx_facts() -> dict[str, Any]:
     """An nnx.Optimizer whose EMA lives in host memory: its layout and values after a step."""
     from flax import nnx
@@ -201,6 +232,7 @@ def main(folder: str) -> None:
         )
         out["files"] = eval_and_files(mesh, folder)
     out["nnx"] = nnx_facts()
+    out["resume"] = {str(kind): resume_facts(mesh, folder, kind) for kind in (None, "pinned_host")}
     json.dump(out, sys.stdout)
     print()
 
@@ -214,6 +246,7 @@ DONATIONS = {  # how a step(params, opt_state) -> (params, opt_state) is jitted
     "both_returned_swapped": {"donate_argnums": (0, 1)},
     "opt_state_with_shardings": {"donate_argnums": (1,)},
     "update_alone": {"donate_argnums": (1,)},  # jax.jit(tx.update), its updates returned
+    "new_state_dropped": {"donate_argnums": (1,)},  # the new params kept, the old state passed on
 }
 
 
@@ -230,9 +263,11 @@ def donated_run(pattern: str, kind: str | None) -> Any:
         return jax.tree.map(lambda p: jnp.sin(p) + 0.1, params)
 
     def step(params: Any, opt_state: Any) -> tuple[Any, Any]:
-        updates, opt_state = tx.update(grads_at(params), opt_state, params)
+        updates, new_state = tx.update(grads_at(params), opt_state, params)
         new = optax.apply_updates(params, updates)
-        return (opt_state, new) if swapped else (new, opt_state)
+        if pattern == "new_state_dropped":
+            return new, opt_state
+        return (new_state, new) if swapped else (new, new_state)
 
     options: dict[str, Any] = dict(DONATIONS[pattern])
     if pattern == "opt_state_with_shardings":

@@ -199,3 +199,24 @@ def test_keeping_donations_in_their_memory_changes_no_value_or_derivative(values
     assert np.array_equal(np.asarray(grad), np.asarray(2 * x))
     batched = jax.vmap(lambda w: keep_donations_in_their_memory([w])[0] * 2)(x[:, None])
     assert np.array_equal(np.asarray(batched), np.asarray(2 * x[:, None]))
+
+
+@pytest.mark.parametrize("kind", ["None", "pinned_host"])
+@pytest.mark.parametrize("template", ["fresh", "eval_shape"])
+def test_a_state_restored_on_the_mesh_steps_on_as_if_never_saved(facts, kind, template):
+    fact = facts["resume"][kind][template]
+    ema = "pinned_host" if kind == "pinned_host" else "device"
+    # the counters replicated over the mesh, as jit places them, not committed to device 0
+    assert fact["layout"] == [
+        "['opt_state'][1].count device P()",
+        f"['opt_state'][1].ema['bias'] {ema} P('x',)",
+        f"['opt_state'][1].ema['kernel'] {ema} P('x', None)",
+        "['step'] device P()",
+    ]
+    assert fact["difference"] == 0.0
+
+
+def test_an_eval_shape_template_outside_its_mesh_is_refused_naming_the_leaf(facts):
+    said = facts["resume"]["None"]["outside_set_mesh"]
+    assert said.startswith("params/bias: the template's sharding NamedSharding(mesh=AbstractMesh")
+    assert "restore inside `with jax.set_mesh(mesh):`" in said

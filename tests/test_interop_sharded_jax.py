@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import make_single_device_sharding
 
 import interop
 from tests import sharded_load_worker
@@ -105,15 +105,15 @@ def test_templates_on_one_device_load_as_before(tmp_path):
     path = tmp_path / "one.safetensors"
     interop.save_checkpoint(path, net={"params": {"fc": {"kernel": kernel}}})
     device = jax.devices()[0]
-    on_one = jax.ShapeDtypeStruct((2, 3), np.float32, sharding=SingleDeviceSharding(device))
+    on_one = jax.ShapeDtypeStruct((2, 3), np.float32, sharding=make_single_device_sharding(device))
     plain = jax.ShapeDtypeStruct((2, 3), np.float32)
     for leaf in (on_one, plain, jnp.zeros((2, 3))):
         out = interop.load_checkpoint(path, {"params": {"fc": {"kernel": leaf}}})
         got = out["params"]["fc"]["kernel"]
         assert isinstance(got, jax.Array) and not got.committed
-        assert got.sharding == SingleDeviceSharding(device)
+        assert got.sharding == make_single_device_sharding(device)
         np.testing.assert_array_equal(got, kernel)
-    host = SingleDeviceSharding(device, memory_kind="pinned_host")  # another memory: honoured
+    host = make_single_device_sharding(device, memory_kind="pinned_host")  # another memory
     leaf = jax.ShapeDtypeStruct((2, 3), np.float32, sharding=host)
     got = interop.load_checkpoint(path, {"params": {"fc": {"kernel": leaf}}})["params"]["fc"]
     assert got["kernel"].sharding == host and got["kernel"].committed
