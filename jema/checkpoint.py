@@ -70,7 +70,8 @@ def restore(directory: Directory, template: Any, *, step: int | None = None) -> 
         attached batch statistics), e.g. a freshly created one; only its structure, shapes
         and dtypes are used (a Python number, e.g. ``state.replace(step=5)``, stands for
         the saved scalar at its place, whatever its dtype). nnx objects (a module, an
-        optimizer or a tuple) are updated in place.
+        optimizer or a tuple) are updated in place. Leaves go where the template puts them;
+        on a mesh, those it leaves unplaced (counters) are replicated over it.
       step: the checkpoint to restore; None for the latest.
 
     Returns:
@@ -79,7 +80,8 @@ def restore(directory: Directory, template: Any, *, step: int | None = None) -> 
     Raises:
       FileNotFoundError: when ``directory`` or the step does not exist (nothing is created).
       ValueError: when the template's shapes or dtypes differ from the saved ones (restoring
-        would cast silently, e.g. a float32 EMA into a bfloat16 one).
+        would cast silently, e.g. a float32 EMA into a bfloat16 one), or a ``jax.eval_shape``
+        template's sharding is on an abstract mesh outside ``with jax.set_mesh(mesh):``.
 
     Example:
       >>> import tempfile, jax.numpy as jnp, optax, jema
