@@ -26,7 +26,6 @@ def concrete_sharding(sharding: Any, label: str, action: str) -> Any:
         the abstract one.
 
     Example:
-      >>> import numpy as np
       >>> mesh = jax.make_mesh((1,), ("x",))
       >>> abstract = NamedSharding(mesh.abstract_mesh, jax.P("x"))
       >>> with jax.set_mesh(mesh):
